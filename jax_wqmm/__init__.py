@@ -1,0 +1,39 @@
+"""jax_wqmm: Ascend's fused weight-quantized matmul + all-reduce
+(``aclnnWeightQuantMatmulAllReduce``) as a JAX primitive.
+
+``output = allreduce_sum(x1 @ ((x2 + antiquant_offset) * antiquant_scale) + bias + x3)``
+"""
+
+from .spec import ConstraintError, WqmmSpec, make_spec
+from .quantize import QuantizedWeight, quantize_weight, dequantize_weight
+from .ops import weight_quant_matmul_all_reduce, quant_matmul
+from . import formats, reference
+from .formats import (
+    to_fractal_nz,
+    from_fractal_nz,
+    pack_int4_to_int32,
+    unpack_int32_to_int4,
+    hifloat8_to_float32,
+    float_to_hifloat8,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "weight_quant_matmul_all_reduce",
+    "quant_matmul",
+    "quantize_weight",
+    "dequantize_weight",
+    "QuantizedWeight",
+    "ConstraintError",
+    "WqmmSpec",
+    "make_spec",
+    "formats",
+    "reference",
+    "to_fractal_nz",
+    "from_fractal_nz",
+    "pack_int4_to_int32",
+    "unpack_int32_to_int4",
+    "hifloat8_to_float32",
+    "float_to_hifloat8",
+]

@@ -1,0 +1,198 @@
+"""The ``weight_quant_matmul_all_reduce`` primitive and its rules.
+
+Operands, in operator order, only those present: x1, x2, antiquant_scale, [antiquant_offset],
+[bias], [x3]. The single parameter ``spec`` (a :class:`~jax_wqmm.spec.WqmmSpec`) says which
+are present and carries everything derived from the shapes.
+
+Typing under ``shard_map`` follows ``lax.psum``: the caller reconciles the operands' varying
+axes (see :func:`jax_wqmm.ops.weight_quant_matmul_all_reduce`), and the output is invariant
+over ``spec.axis_name``. The default lowering, for every platform, is the jnp reference
+(``reference.apply``), psum included; native lowerings override it per platform.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax._src import core as _core  # NamedAxisEffect, axis env: as lax.psum uses them
+from jax._src import dispatch as _dispatch
+
+from . import reference
+from .spec import WqmmSpec, pack_operands, respec, unpack_operands
+
+__all__ = ["wqmm_p", "bind", "vma_of", "reconcile_varying"]
+
+wqmm_p = Primitive("weight_quant_matmul_all_reduce")
+
+
+def bind(spec: WqmmSpec, x1, x2, scale, offset=None, bias=None, x3=None) -> jax.Array:
+    """Binds the primitive on operands whose presence matches ``spec``."""
+    return wqmm_p.bind(*pack_operands(x1, x2, scale, offset, bias, x3), spec=spec)
+
+
+# ------------------------------------------------------------------------------ typing
+
+def vma_of(x) -> frozenset:
+    """The mesh axes over which ``x`` varies (empty outside shard_map)."""
+    return jax.typeof(x).mat.varying
+
+
+def reconcile_varying(operands, axis_name: tuple[str, ...]):
+    """pcast every operand to the union of all varying axes and ``axis_name`` (so the
+    reduction axis is varying, as ``lax.psum`` does for an invariant input)."""
+    target = frozenset(axis_name).union(*(vma_of(x) for x in operands))
+    return tuple(
+        lax.pcast(x, tuple(sorted(target - vma_of(x))), to="varying") if target - vma_of(x) else x
+        for x in operands
+    )
+
+
+def check_axis_bound(axis_name: tuple[str, ...]) -> list[str]:
+    """The names in ``axis_name`` that no enclosing shard_map / vmap binds."""
+    env = _core.get_axis_env()
+    return [a for a in axis_name if not env.axis_exists(a)]
+
+
+def _abstract_eval(*avals, spec: WqmmSpec):
+    x1 = avals[0]
+    if tuple(x1.shape) != spec.x1_shape:
+        raise AssertionError(f"x1 aval {x1.shape} does not match its spec {spec.x1_shape}")
+    varying = frozenset().union(*(a.mat.varying for a in avals))
+    out_mat = x1.mat.update(varying=varying - frozenset(spec.axis_name))
+    out = x1.update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype), manual_axis_type=out_mat)
+    return out, {_core.NamedAxisEffect(a) for a in spec.axis_name}
+
+
+wqmm_p.def_effectful_abstract_eval(_abstract_eval)
+wqmm_p.def_impl(partial(_dispatch.apply_primitive, wqmm_p))
+
+
+# ------------------------------------------------------------------------------ lowering
+
+def _reference_impl(*operands, spec: WqmmSpec):
+    return reference.apply(*unpack_operands(spec, operands), spec)
+
+
+mlir.register_lowering(wqmm_p, mlir.lower_fun(_reference_impl, multiple_results=False))
+
+
+# ------------------------------------------------------------------------------ batching
+
+def _batch_rule(axis_data, operands, dims, *, spec: WqmmSpec):
+    if axis_data.name is not None and axis_data.name in spec.axis_name:
+        raise NotImplementedError(
+            f"vmap with axis_name={axis_data.name!r}, the axis that weight_quant_matmul_all_reduce "
+            "reduces over, is not supported: use jax.shard_map for the reduction axis")
+    size = axis_data.size
+    ops = unpack_operands(spec, operands)
+    ds = unpack_operands(spec, dims)
+    ops = [None if x is None else (x if d is None else jnp.moveaxis(x, d, 0))
+           for x, d in zip(ops, ds)]
+    mapped = [x is not None and d is not None for x, d in zip(ops, ds)]
+    x1, x2, scale, offset, bias, x3 = ops
+    if not any(mapped[1:5]):
+        # Only x1 / x3 vary: fold the batch into m and keep one fused call.
+        lead = spec.x1_shape[:-1]
+        x1b = x1 if mapped[0] else jnp.broadcast_to(x1, (size, *spec.x1_shape))
+        x1f = x1b.reshape(-1, spec.k)
+        x3f = None
+        if x3 is not None:
+            x3b = x3 if mapped[5] else jnp.broadcast_to(x3, (size, *spec.out_shape))
+            x3f = x3b.reshape(-1, spec.n)
+        new = respec(spec, x1f, x2, scale, offset, bias, x3f)
+        out = bind(new, x1f, x2, scale, offset, bias, x3f)
+        return out.reshape(size, *lead, spec.n), 0
+    # A weight-side operand varies: one call per batch element.
+    batched = [x if m else None for x, m in zip(ops, mapped)]
+    fixed = [None if m else x for x, m in zip(ops, mapped)]
+
+    def one(slices):
+        args = [s if m else f for s, f, m in zip(slices, fixed, mapped)]
+        return bind(spec, *args)
+
+    return lax.map(one, batched), 0
+
+
+batching.fancy_primitive_batchers[wqmm_p] = _batch_rule
+
+
+# ------------------------------------------------------------------------------ autodiff
+
+def _is_zero(t) -> bool:
+    return t is None or type(t) is ad.Zero
+
+
+def _jvp_rule(primals, tangents, *, spec: WqmmSpec):
+    x1, x2, scale, offset, bias, x3 = unpack_operands(spec, primals)
+    dx1, _, dscale, doffset, dbias, dx3 = unpack_operands(spec, tangents)
+    out = bind(spec, x1, x2, scale, offset, bias, x3)
+    terms = []
+    # Linear in (x1, bias, x3): the same fused op on the tangents (transposed by _transpose_rule).
+    lin = [None if _is_zero(t) else t for t in (dx1, dbias, dx3)]
+    if any(t is not None for t in lin):
+        tx1, tb, tx3 = lin
+        if tx1 is None:
+            tx1 = ad.instantiate_zeros(dx1)
+        lin_spec = respec(spec, tx1, x2, scale, offset, tb, tx3)
+        terms.append(bind(lin_spec, tx1, x2, scale, offset, tb, tx3))
+    # Through the weight: x1 @ d[(x2 + offset) * scale], then the same all-reduce (plain jnp).
+    if not (_is_zero(dscale) and _is_zero(doffset)):
+        dt = jnp.dtype(spec.act_dtype)
+        dw = 0.0
+        if not _is_zero(dscale):
+            base = reference.weight_matrix(x2, spec).astype(dt)
+            if offset is not None:
+                base = base + reference.expand_quant_param(offset, spec).astype(dt)
+            dw = dw + base * reference.expand_quant_param(dscale, spec).astype(dt)
+        if not _is_zero(doffset):
+            dw = dw + reference.expand_quant_param(doffset, spec) * reference.expand_quant_param(scale, spec)
+        terms.append(reference.all_reduce(reference.matmul_f32(x1, dw).astype(spec.out_dtype), spec))
+    if not terms:
+        return out, ad.Zero.from_primal_value(out)
+    tangent = terms[0]
+    for t in terms[1:]:
+        tangent = tangent + t
+    return out, tangent
+
+
+def _transpose_rule(ct, *operands, spec: WqmmSpec):
+    x1, x2, scale, offset, bias, x3 = unpack_operands(spec, operands)
+    for name, v in (("x2", x2), ("antiquant_scale", scale), ("antiquant_offset", offset)):
+        if ad.is_undefined_primal(v):
+            raise NotImplementedError(
+                f"weight_quant_matmul_all_reduce is not linear in {name}; its derivative goes "
+                "through the JVP rule, not a transpose")
+    cts = [None] * len(operands)
+    if type(ct) is ad.Zero:
+        return cts
+    # The transpose of the all-reduce: the cotangent becomes varying over the reduced axes.
+    missing = tuple(sorted(frozenset(spec.axis_name) - vma_of(ct)))
+    if missing and _core.get_axis_env().axis_exists(missing[0]) and _check_vma_enabled():
+        ct = lax.pcast(ct, missing, to="varying")
+    ct32 = ct.astype(jnp.float32)
+    out = [None] * 6
+    if ad.is_undefined_primal(x1):
+        w = reference.dequantize(x2, scale, offset, spec)
+        gx1 = lax.dot_general(ct, w, (((ct.ndim - 1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+        out[0] = gx1.astype(x1.aval.dtype)
+    if bias is not None and ad.is_undefined_primal(bias):
+        out[4] = ct32.reshape(-1, spec.n).sum(axis=0).astype(bias.aval.dtype)
+    if x3 is not None and ad.is_undefined_primal(x3):
+        out[5] = ct.astype(x3.aval.dtype)
+    present = [v is not None for v in (x1, x2, scale, offset, bias, x3)]
+    return [o for o, p in zip(out, present) if p]
+
+
+def _check_vma_enabled() -> bool:
+    from jax._src import config
+    return bool(config._check_vma.value)
+
+
+ad.primitive_jvps[wqmm_p] = _jvp_rule
+ad.primitive_transposes[wqmm_p] = _transpose_rule

@@ -1,0 +1,103 @@
+"""The fused call against the float64 oracle over the whole supported matrix."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import jax
+import jax_wqmm as wq
+import oracle
+from cases import make_case, to_jax
+
+INT_DTYPES = ("int8", "int4")
+FLOAT_DTYPES = ("float8_e5m2", "float8_e4m3fn", "hifloat8")
+
+
+def _matrix():
+    for wd in INT_DTYPES + FLOAT_DTYPES:
+        offsets = (False, True) if wd in INT_DTYPES else (False,)
+        fmts = ("ND", "FRACTAL_NZ") if wd in INT_DTYPES else ("ND",)
+        for gran, off, extras, lead, tr, fmt, act in itertools.product(
+                ("per_tensor", "per_channel", "per_group"), offsets, (False, True),
+                ((8,), (2, 3)), (False, True), fmts, ("bfloat16", "float16")):
+            yield pytest.param(wd, gran, off, extras, lead, tr, fmt, act,
+                               id=f"{wd}-{gran}-{'off' if off else 'sym'}-{'bias_x3' if extras else 'plain'}"
+                                  f"-{len(lead) + 1}d-{'T' if tr else 'N'}-{fmt}-{act}")
+
+
+def _check(case, y):
+    expected, mag = oracle.wqmm([case.oracle], case.group_size, case.weight_dtype)
+    assert y.dtype == np.dtype(case.act)
+    assert y.shape == expected.shape
+    oracle.assert_close(y, expected, mag, case.act)
+
+
+@pytest.mark.parametrize("wd,gran,off,extras,lead,tr,fmt,act", list(_matrix()))
+def test_matrix_against_oracle(wd, gran, off, extras, lead, tr, fmt, act):
+    rng = np.random.default_rng(abs(hash((wd, gran, off, extras, lead, tr, fmt, act))) % 2**32)
+    case = make_case(rng, weight_dtype=wd, granularity=gran, offset=off, bias=extras, x3=extras,
+                     lead=lead, transpose=tr, fmt=fmt, act=act)
+    _check(case, wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs))
+
+
+@pytest.mark.parametrize("bias,x3", [(True, False), (False, True)])
+def test_bias_or_x3_alone(bias, x3):
+    case = make_case(np.random.default_rng(1), bias=bias, x3=x3, offset=True)
+    _check(case, wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs))
+
+
+def test_per_channel_scale_as_1_by_n():
+    case = make_case(np.random.default_rng(2), scale_2d=True, offset=True)
+    _check(case, wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs))
+
+
+@pytest.mark.parametrize("wd", ["float8_e4m3fn", "hifloat8"])
+def test_fp8_float32_bias_and_x3(wd):
+    """With FP8 / HiFloat8 weights and bf16 x1 the operator takes float32 bias and x3."""
+    rng = np.random.default_rng(3)
+    case = make_case(rng, weight_dtype=wd, bias=True, x3=True)
+    x1, x2, s, o, b, x3 = case.args
+    b, x3 = b.astype(np.float32), x3.astype(np.float32)
+    case.oracle.update(bias=b, x3=x3)
+    case.args = (x1, x2, s, o, b, x3)
+    _check(case, wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs))
+
+
+def test_jit_equals_eager():
+    case = make_case(np.random.default_rng(4), weight_dtype="int4", granularity="per_group",
+                     offset=True, bias=True, x3=True)
+    args = to_jax(case.args)
+    f = jax.jit(lambda *a: wq.weight_quant_matmul_all_reduce(*a, **case.kwargs))
+    _check(case, f(*args))
+
+
+def test_tolerance_detects_a_wrong_result():
+    """The dtype-derived tolerance is tight enough to catch a dropped offset or bias."""
+    case = make_case(np.random.default_rng(5), offset=True, bias=True)
+    expected, mag = oracle.wqmm([case.oracle], 0, "int8")
+    without_bias = dict(case.oracle, bias=None)
+    wrong, _ = oracle.wqmm([without_bias], 0, "int8")
+    with pytest.raises(AssertionError):
+        oracle.assert_close(wrong, expected, mag, "bfloat16")
+    without_offset = dict(case.oracle, offset=None)
+    wrong, _ = oracle.wqmm([without_offset], 0, "int8")
+    with pytest.raises(AssertionError):
+        oracle.assert_close(wrong, expected, mag, "bfloat16")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 33), k=st.integers(33, 300), n=st.integers(1, 70),
+    wd=st.sampled_from(INT_DTYPES + FLOAT_DTYPES), gran=st.sampled_from(["per_tensor", "per_channel", "per_group"]),
+    tr=st.booleans(), nz=st.booleans(), act=st.sampled_from(["bfloat16", "float16"]),
+    gmul=st.integers(1, 9), seed=st.integers(0, 2**31),
+)
+def test_random_shapes(m, k, n, wd, gran, tr, nz, act, gmul, seed):
+    group = min(32 * gmul, (k - 1) // 32 * 32)
+    fmt = "FRACTAL_NZ" if nz and wd in INT_DTYPES else "ND"
+    case = make_case(np.random.default_rng(seed), weight_dtype=wd, granularity=gran,
+                     offset=wd in INT_DTYPES, bias=True, x3=True, lead=(m,), k=k, n=n,
+                     transpose=tr, fmt=fmt, act=act, group_size=group)
+    _check(case, wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs))

@@ -12,6 +12,7 @@ over ``spec.axis_name``. The default lowering, for every platform, is the jnp re
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -43,9 +44,11 @@ def vma_of(x) -> frozenset:
 
 
 def reconcile_varying(operands, axis_name: tuple[str, ...]):
-    """pcast every operand to the union of all varying axes and ``axis_name`` (so the
-    reduction axis is varying, as ``lax.psum`` does for an invariant input)."""
-    target = frozenset(axis_name).union(*(vma_of(x) for x in operands))
+    """pcast every operand to the union of all varying axes and the shard_map axes of
+    ``axis_name`` (so the reduction axis is varying, as ``lax.psum`` does for an invariant
+    input). Axes bound by ``vmap(axis_name=...)`` carry no varying type and are left alone."""
+    manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+    target = (frozenset(axis_name) & manual).union(*(vma_of(x) for x in operands))
     return tuple(
         lax.pcast(x, tuple(sorted(target - vma_of(x))), to="varying") if target - vma_of(x) else x
         for x in operands
@@ -84,11 +87,14 @@ mlir.register_lowering(wqmm_p, mlir.lower_fun(_reference_impl, multiple_results=
 # ------------------------------------------------------------------------------ batching
 
 def _batch_rule(axis_data, operands, dims, *, spec: WqmmSpec):
-    if axis_data.name is not None and axis_data.name in spec.axis_name:
-        raise NotImplementedError(
-            f"vmap with axis_name={axis_data.name!r}, the axis that weight_quant_matmul_all_reduce "
-            "reduces over, is not supported: use jax.shard_map for the reduction axis")
     size = axis_data.size
+    if axis_data.name is not None and axis_data.name in spec.axis_name:
+        # vmap(axis_name=...) over a reduced axis: the batch members are the ranks. Compute
+        # each member's share without that axis, then sum over the batch, as lax.psum does.
+        inner = dataclasses.replace(spec, axis_name=tuple(a for a in spec.axis_name if a != axis_data.name))
+        out, d = _batch_rule(axis_data, operands, dims, spec=inner)
+        total = jnp.sum(out.astype(jnp.float32), axis=d, keepdims=True).astype(out.dtype)
+        return jnp.broadcast_to(total, out.shape), d
     ops = unpack_operands(spec, operands)
     ds = unpack_operands(spec, dims)
     ops = [None if x is None else (x if d is None else jnp.moveaxis(x, d, 0))

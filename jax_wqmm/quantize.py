@@ -140,21 +140,18 @@ def quantize_weight(
     lo, hi = groups.min(axis=-1), groups.max(axis=-1)
 
     tiny = jnp.finfo(jnp.float32).tiny
-    offset = None
     if dtype in _INT_RANGE:
         qmin, qmax = _INT_RANGE[dtype]
-        if symmetric:
-            scale = jnp.maximum(jnp.maximum(-lo, hi) / qmax, tiny)
-        else:
-            scale = jnp.maximum((hi - lo) / (qmax - qmin), tiny)
-            # w = (q + offset) * scale, with lo landing on qmin
-            offset = jnp.round(lo / scale) - qmin
+        scale = jnp.maximum(-lo, hi) / qmax if symmetric else (hi - lo) / (qmax - qmin)
     else:
-        scale = jnp.maximum(jnp.maximum(-lo, hi) / _FLOAT_MAX[dtype], tiny)
-    # Quantize against the scale / offset as the operator will read them (rounded to scale_dtype).
-    scale = scale.astype(scale_dtype)
-    if offset is not None:
-        offset = offset.astype(scale_dtype)
+        scale = jnp.maximum(-lo, hi) / _FLOAT_MAX[dtype]
+    # The operator reads the scale in scale_dtype: round it up there, so [lo, hi] still fits
+    # the code range, and quantize against the rounded value.
+    scale = _round_up(jnp.maximum(scale, tiny), scale_dtype)
+    offset = None
+    if not symmetric:
+        # w = (q + offset) * scale with lo landing on qmin; an integer, exact in scale_dtype.
+        offset = (jnp.round(lo / scale.astype(jnp.float32)) - qmin).astype(scale_dtype)
 
     shape = {"per_tensor": (1,), "per_channel": (n,), "per_group": (-(-k // (group_size or 1)), n)}[granularity]
     scale = scale.reshape(shape)
@@ -175,6 +172,12 @@ def quantize_weight(
         data = jnp.clip(x, -fmax, fmax).astype(jnp.dtype(dtype))
     return QuantizedWeight(data=data, scale=scale, offset=offset, dtype=dtype,
                            group_size=group_size or 0, shape=(int(k), int(n)))
+
+
+def _round_up(x: jax.Array, dtype) -> jax.Array:
+    """``x`` (float32) in ``dtype``, rounded towards +inf."""
+    r = x.astype(dtype)
+    return jnp.where(r.astype(jnp.float32) < x, jnp.nextafter(r, jnp.asarray(jnp.inf, dtype)), r)
 
 
 def dequantize_weight(qw: QuantizedWeight) -> jax.Array:

@@ -1,0 +1,72 @@
+// Run-time loading of the CANN libraries (dlopen), the symbol table the handler calls, and the
+// report of what was tried when something is missing.
+#ifndef JAX_WQMM_CANN_LIBRARY_H_
+#define JAX_WQMM_CANN_LIBRARY_H_
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cann_abi.h"
+
+namespace jax_wqmm {
+
+// Every entry point the project calls. Optional ones may be null after a successful load.
+struct CannApi {
+  // libnnopbase
+  aclCreateTensor_t aclCreateTensor = nullptr;
+  aclDestroyTensor_t aclDestroyTensor = nullptr;
+  // op library (libopapi.so by default)
+  aclnnWeightQuantMatmulAllReduceGetWorkspaceSize_t GetWorkspaceSize = nullptr;
+  aclnnWeightQuantMatmulAllReduce_t Run = nullptr;
+  // libascendcl (optional symbols)
+  aclGetRecentErrMsg_t aclGetRecentErrMsg = nullptr;
+  aclrtSetDevice_t aclrtSetDevice = nullptr;
+  // libhccl
+  HcclGetCommName_t HcclGetCommName = nullptr;
+  HcclCommInitAll_t HcclCommInitAll = nullptr;
+  HcclGetRootInfo_t HcclGetRootInfo = nullptr;
+  HcclCommInitRootInfo_t HcclCommInitRootInfo = nullptr;
+  HcclCommDestroy_t HcclCommDestroy = nullptr;
+
+  // The library's own text for its most recent error, or "" if unavailable.
+  std::string RecentErrorMessage() const;
+};
+
+// Library roles, in load order (dependencies first).
+inline const std::vector<std::string>& LibraryRoles() {
+  static const std::vector<std::string> roles = {"ascendcl", "nnopbase", "hccl", "opapi"};
+  return roles;
+}
+
+class CannLibrary {
+ public:
+  static CannLibrary& Get();
+
+  // (Re)loads every library: for each role, ``names[role]`` (a file name, or a path if it
+  // contains '/') is tried in each of ``dirs`` and then on the loader's default path.
+  // Returns "" on success, else a report of every path tried and every symbol missing.
+  std::string Load(const std::vector<std::string>& dirs,
+                   const std::map<std::string, std::string>& names);
+  void Unload();
+
+  // The loaded API, or null if nothing is loaded.
+  const CannApi* api() const { return loaded_ ? &api_ : nullptr; }
+  // The last failure report ("" after a successful load or before any attempt).
+  std::string report() const;
+  // role -> path actually loaded.
+  std::map<std::string, std::string> loaded_paths() const;
+
+ private:
+  mutable std::mutex mu_;
+  bool loaded_ = false;
+  CannApi api_;
+  std::vector<void*> handles_;
+  std::map<std::string, std::string> paths_;
+  std::string report_;
+};
+
+}  // namespace jax_wqmm
+
+#endif  // JAX_WQMM_CANN_LIBRARY_H_

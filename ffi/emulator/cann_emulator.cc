@@ -1,0 +1,573 @@
+// A host-side emulation of the CANN ABI subset that jax_wqmm calls (cann_abi.h), for tests and
+// for users without Ascend hardware. It is NOT CANN: it computes the operator on host memory
+// with plain loops, checks arguments as aclnn's first stage does (161001 / 161002), runs a real
+// all-reduce across the ranks of a group (a rendezvous of the calling threads with a timeout),
+// and counts live descriptors so that leaks are visible.
+//
+// Devices: the calling thread's current device (aclrtSetDevice) says which rank of a group it
+// is, as the current context does on real hardware.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../cann_abi.h"
+
+#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+struct aclTensor {
+  std::vector<int64_t> view, strides, storage;
+  aclDataType dtype;
+  aclFormat format;
+  void* data;
+};
+
+namespace {
+
+constexpr aclnnStatus ACLNN_ERR_INNER = 561000;
+
+std::atomic<int64_t> g_live_tensors{0};
+std::atomic<int64_t> g_live_executors{0};
+std::atomic<int> g_fail_stage{0};
+std::atomic<int> g_fail_code{0};
+std::atomic<int64_t> g_timeout_ms{30000};
+thread_local std::string t_error;
+thread_local std::string t_error_out;
+thread_local int32_t t_device = -1;
+
+aclnnStatus Fail(aclnnStatus code, const std::string& msg) {
+  t_error = msg;
+  return code;
+}
+
+// ------------------------------------------------------------------ number formats
+
+float Bits2Float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+uint32_t Float2Bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+float Half2Float(uint16_t h) {
+  uint32_t s = (h >> 15) & 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  float v;
+  if (e == 0) v = std::ldexp(static_cast<float>(m), -24);
+  else if (e == 31) v = m ? NAN : INFINITY;
+  else v = std::ldexp(static_cast<float>(m | 0x400), static_cast<int>(e) - 25);
+  return s ? -v : v;
+}
+
+uint16_t Float2Half(float f) {  // round to nearest even
+  uint32_t x = Float2Bits(f);
+  uint32_t sign = (x >> 16) & 0x8000;
+  float a = std::fabs(f);
+  if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7e00);
+  if (a >= 65520.0f) return static_cast<uint16_t>(sign | 0x7c00);
+  if (a < std::ldexp(1.0f, -14)) {  // subnormal: multiples of 2^-24
+    float q = std::nearbyint(std::ldexp(a, 24));
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(q));
+  }
+  int e;
+  float mant = std::frexp(a, &e);  // a = mant * 2^e, mant in [0.5, 1)
+  float q = std::nearbyint(std::ldexp(mant, 11));  // 11 significant bits
+  if (q >= 2048.0f) {
+    q /= 2;
+    e += 1;
+  }
+  uint32_t exp = static_cast<uint32_t>(e - 1 + 15);
+  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00);
+  return static_cast<uint16_t>(sign | (exp << 10) | (static_cast<uint32_t>(q) & 0x3ff));
+}
+
+float Bf162Float(uint16_t b) { return Bits2Float(static_cast<uint32_t>(b) << 16); }
+
+uint16_t Float2Bf16(float f) {
+  uint32_t x = Float2Bits(f);
+  if (std::isnan(f)) return static_cast<uint16_t>((x >> 16) | 0x40);
+  uint32_t rounding = 0x7fff + ((x >> 16) & 1);
+  return static_cast<uint16_t>((x + rounding) >> 16);
+}
+
+float Fp8E4M3FN(uint8_t c) {
+  int s = c >> 7, e = (c >> 3) & 0xf, m = c & 7;
+  if (e == 15 && m == 7) return NAN;
+  float v = e == 0 ? std::ldexp(m / 8.0f, -6) : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return s ? -v : v;
+}
+
+float Fp8E5M2(uint8_t c) {
+  int s = c >> 7, e = (c >> 2) & 0x1f, m = c & 3;
+  float v;
+  if (e == 31) v = m ? NAN : INFINITY;
+  else v = e == 0 ? std::ldexp(m / 4.0f, -14) : std::ldexp(1.0f + m / 4.0f, e - 15);
+  return s ? -v : v;
+}
+
+float HiFloat8(uint8_t c) {
+  float sign = (c & 0x80) ? -1.0f : 1.0f;
+  int r = c & 0x7f;
+  if (r == 0) return (c & 0x80) ? NAN : 0.0f;
+  if (r == 0x6f) return sign * INFINITY;
+  struct Field { int prefix, plen, d, w; };
+  const Field fields[] = {{3, 2, 4, 1}, {2, 2, 3, 2}, {1, 2, 2, 3}, {1, 3, 1, 3}, {1, 4, 0, 3}};
+  for (const Field& f : fields) {
+    if ((r >> (7 - f.plen)) != f.prefix) continue;
+    int body = r & ((1 << (7 - f.plen)) - 1);
+    int exp_bits = body >> f.w, man = body & ((1 << f.w) - 1);
+    int e = 0;
+    if (f.d > 0) {
+      int mag = (1 << (f.d - 1)) + (exp_bits & ((1 << (f.d - 1)) - 1));
+      e = (exp_bits >> (f.d - 1)) ? -mag : mag;
+    }
+    return sign * std::ldexp(1.0f + static_cast<float>(man) / (1 << f.w), e);
+  }
+  return sign * std::ldexp(1.0f, (r & 7) - 23);  // prefix 0000: denormal
+}
+
+float ReadFloat(const aclTensor* t, int64_t i) {
+  switch (t->dtype) {
+    case ACL_FLOAT16: return Half2Float(static_cast<const uint16_t*>(t->data)[i]);
+    case ACL_BF16: return Bf162Float(static_cast<const uint16_t*>(t->data)[i]);
+    case ACL_FLOAT: return static_cast<const float*>(t->data)[i];
+    default: return NAN;
+  }
+}
+
+float ReadWeight(const aclTensor* t, int64_t i) {
+  const uint8_t* p = static_cast<const uint8_t*>(t->data);
+  switch (t->dtype) {
+    case ACL_INT8: return static_cast<int8_t>(p[i]);
+    case ACL_INT4: {  // two per byte, element 2j in the low nibble
+      int v = (p[i / 2] >> ((i % 2) * 4)) & 0xf;
+      return static_cast<float>(v >= 8 ? v - 16 : v);
+    }
+    case ACL_FLOAT8_E4M3FN: return Fp8E4M3FN(p[i]);
+    case ACL_FLOAT8_E5M2: return Fp8E5M2(p[i]);
+    case ACL_HIFLOAT8: return HiFloat8(p[i]);
+    default: return NAN;
+  }
+}
+
+float RoundTo(aclDataType dt, float v) {
+  switch (dt) {
+    case ACL_FLOAT16: return Half2Float(Float2Half(v));
+    case ACL_BF16: return Bf162Float(Float2Bf16(v));
+    default: return v;
+  }
+}
+
+void WriteFloat(aclTensor* t, int64_t i, float v) {
+  switch (t->dtype) {
+    case ACL_FLOAT16: static_cast<uint16_t*>(t->data)[i] = Float2Half(v); break;
+    case ACL_BF16: static_cast<uint16_t*>(t->data)[i] = Float2Bf16(v); break;
+    case ACL_FLOAT: static_cast<float*>(t->data)[i] = v; break;
+    default: break;
+  }
+}
+
+int64_t Numel(const std::vector<int64_t>& d) {
+  int64_t n = 1;
+  for (int64_t x : d) n *= x;
+  return n;
+}
+
+std::string Dims(const std::vector<int64_t>& d) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
+  s << (d.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+bool IsAct(aclDataType t) { return t == ACL_FLOAT16 || t == ACL_BF16; }
+bool IsFp8Like(aclDataType t) {
+  return t == ACL_FLOAT8_E5M2 || t == ACL_FLOAT8_E4M3FN || t == ACL_HIFLOAT8;
+}
+
+// ------------------------------------------------------------------ HCCL groups
+
+struct Group {
+  std::string name;
+  int size = 0;
+  std::map<int32_t, int> device_to_rank;
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t generation = 0;
+  int arrived = 0;
+  std::vector<std::vector<float>> contributions;
+  std::vector<bool> present;
+  std::shared_ptr<std::vector<float>> result;
+  std::string result_error;
+};
+
+std::mutex g_groups_mu;
+std::map<std::string, std::shared_ptr<Group>>& Groups() {
+  static auto* g = new std::map<std::string, std::shared_ptr<Group>>();
+  return *g;
+}
+std::atomic<int64_t> g_group_counter{0};
+
+std::shared_ptr<Group> GetOrCreateGroup(const std::string& name, int size) {
+  std::lock_guard<std::mutex> lock(g_groups_mu);
+  auto& g = Groups()[name];
+  if (!g) {
+    g = std::make_shared<Group>();
+    g->name = name;
+    g->size = size;
+    g->contributions.resize(size);
+    g->present.assign(size, false);
+  }
+  return g;
+}
+
+std::shared_ptr<Group> FindGroup(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_groups_mu);
+  auto it = Groups().find(name);
+  return it == Groups().end() ? nullptr : it->second;
+}
+
+struct Comm {
+  std::shared_ptr<Group> group;
+  int rank;
+  int32_t device;
+};
+
+// Sums ``local`` over the group's ranks; every rank gets the rounded sum.
+aclnnStatus AllReduce(Group& g, int rank, aclDataType out_dtype, std::vector<float>* data) {
+  std::unique_lock<std::mutex> lock(g.mu);
+  uint64_t my_gen = g.generation;
+  if (g.present[rank]) {
+    return Fail(ACLNN_ERR_INNER, "all-reduce on group " + g.name + ": rank " +
+                                     std::to_string(rank) + " entered twice");
+  }
+  g.contributions[rank] = *data;
+  g.present[rank] = true;
+  if (++g.arrived == g.size) {
+    auto sum = std::make_shared<std::vector<float>>(data->size(), 0.0f);
+    g.result_error.clear();
+    for (int r = 0; r < g.size; ++r) {
+      if (g.contributions[r].size() != sum->size()) {
+        g.result_error = "all-reduce on group " + g.name + ": ranks disagree on the element count";
+        break;
+      }
+      for (size_t i = 0; i < sum->size(); ++i) (*sum)[i] += g.contributions[r][i];
+    }
+    for (float& v : *sum) v = RoundTo(out_dtype, v);
+    g.result = sum;
+    g.arrived = 0;
+    std::fill(g.present.begin(), g.present.end(), false);
+    ++g.generation;
+    g.cv.notify_all();
+  } else {
+    auto timeout = std::chrono::milliseconds(g_timeout_ms.load());
+    if (!g.cv.wait_for(lock, timeout, [&] { return g.generation != my_gen; })) {
+      std::ostringstream missing;
+      for (int r = 0; r < g.size; ++r) {
+        if (!g.present[r]) missing << " " << r;
+      }
+      g.present[rank] = false;
+      --g.arrived;
+      return Fail(ACLNN_ERR_INNER, "all-reduce on group " + g.name + " timed out after " +
+                                       std::to_string(timeout.count()) + " ms on rank " +
+                                       std::to_string(rank) + "; ranks that never arrived:" +
+                                       missing.str());
+    }
+  }
+  if (!g.result_error.empty()) return Fail(ACLNN_ERR_INNER, g.result_error);
+  *data = *g.result;
+  return ACLNN_SUCCESS;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ the executor
+
+struct aclOpExecutor {
+  aclTensor x1, x2, scale, out;
+  bool has_bias = false, has_offset = false, has_x3 = false;
+  aclTensor bias, offset, x3;
+  std::string group;
+  int64_t group_size = 0;
+  uint64_t workspace = 0;
+};
+
+// ------------------------------------------------------------------ exported ABI
+
+EMU_EXPORT aclTensor* aclCreateTensor(const int64_t* viewDims, uint64_t viewDimsNum,
+                                      aclDataType dataType, const int64_t* stride, int64_t offset,
+                                      aclFormat format, const int64_t* storageDims,
+                                      uint64_t storageDimsNum, void* tensorData) {
+  if ((viewDimsNum && !viewDims) || (viewDimsNum && !stride) || offset != 0) {
+    t_error = "aclCreateTensor: bad arguments";
+    return nullptr;
+  }
+  auto* t = new aclTensor;
+  t->view.assign(viewDims, viewDims + viewDimsNum);
+  t->strides.assign(stride, stride + viewDimsNum);
+  t->storage.assign(storageDims, storageDims + storageDimsNum);
+  t->dtype = dataType;
+  t->format = format;
+  t->data = tensorData;
+  g_live_tensors.fetch_add(1);
+  return t;
+}
+
+EMU_EXPORT aclnnStatus aclDestroyTensor(const aclTensor* tensor) {
+  if (tensor == nullptr) return Fail(ACLNN_ERR_PARAM_NULLPTR, "aclDestroyTensor: nullptr");
+  delete tensor;
+  g_live_tensors.fetch_sub(1);
+  return ACLNN_SUCCESS;
+}
+
+EMU_EXPORT const char* aclGetRecentErrMsg() {
+  t_error_out = t_error;
+  t_error.clear();
+  return t_error_out.empty() ? nullptr : t_error_out.c_str();
+}
+
+EMU_EXPORT aclError aclrtSetDevice(int32_t deviceId) {
+  if (deviceId < 0) return 107001;  // ACL_ERROR_INVALID_PARAM
+  t_device = deviceId;
+  return 0;
+}
+
+EMU_EXPORT HcclResult HcclCommInitAll(uint32_t ndev, int32_t* devices, HcclComm* comms) {
+  if (ndev == 0 || devices == nullptr || comms == nullptr) return 1;  // HCCL_E_PARA
+  std::string name = "emu_hccl_all_" + std::to_string(g_group_counter.fetch_add(1));
+  auto g = GetOrCreateGroup(name, static_cast<int>(ndev));
+  std::lock_guard<std::mutex> lock(g->mu);
+  for (uint32_t i = 0; i < ndev; ++i) {
+    g->device_to_rank[devices[i]] = static_cast<int>(i);
+    comms[i] = new Comm{g, static_cast<int>(i), devices[i]};
+  }
+  return HCCL_SUCCESS;
+}
+
+EMU_EXPORT HcclResult HcclGetRootInfo(HcclRootInfo* rootInfo) {
+  if (rootInfo == nullptr) return 1;
+  std::memset(rootInfo->internal, 0, sizeof(rootInfo->internal));
+  std::string id = "emu_root_" + std::to_string(g_group_counter.fetch_add(1));
+  std::memcpy(rootInfo->internal, id.data(), id.size());
+  return HCCL_SUCCESS;
+}
+
+EMU_EXPORT HcclResult HcclCommInitRootInfo(uint32_t nRanks, const HcclRootInfo* rootInfo,
+                                           uint32_t rank, HcclComm* comm) {
+  if (rootInfo == nullptr || comm == nullptr || rank >= nRanks) return 1;
+  if (t_device < 0) {
+    t_error = "HcclCommInitRootInfo: no current device (call aclrtSetDevice first)";
+    return 1;
+  }
+  std::string id(rootInfo->internal, strnlen(rootInfo->internal, sizeof(rootInfo->internal)));
+  auto g = GetOrCreateGroup("emu_hccl_" + id, static_cast<int>(nRanks));
+  std::unique_lock<std::mutex> lock(g->mu);
+  if (g->size != static_cast<int>(nRanks)) return 1;
+  g->device_to_rank[t_device] = static_cast<int>(rank);
+  g->cv.notify_all();
+  // Like HCCL, block until every rank has joined.
+  if (!g->cv.wait_for(lock, std::chrono::milliseconds(g_timeout_ms.load()),
+                      [&] { return static_cast<int>(g->device_to_rank.size()) == g->size; })) {
+    t_error = "HcclCommInitRootInfo: timed out waiting for the other ranks";
+    return 9;  // HCCL_E_TIMEOUT
+  }
+  *comm = new Comm{g, static_cast<int>(rank), t_device};
+  return HCCL_SUCCESS;
+}
+
+EMU_EXPORT HcclResult HcclGetCommName(HcclComm comm, char* commName) {
+  if (comm == nullptr || commName == nullptr) return 1;
+  const std::string& name = static_cast<Comm*>(comm)->group->name;
+  std::strncpy(commName, name.c_str(), HCCL_COMM_NAME_MAX);
+  commName[HCCL_COMM_NAME_MAX - 1] = '\0';
+  return HCCL_SUCCESS;
+}
+
+EMU_EXPORT HcclResult HcclCommDestroy(HcclComm comm) {
+  if (comm == nullptr) return 1;
+  delete static_cast<Comm*>(comm);
+  return HCCL_SUCCESS;
+}
+
+namespace {
+
+aclnnStatus Check(const aclTensor* x1, const aclTensor* x2, const aclTensor* bias,
+                  const aclTensor* scale, const aclTensor* offset, const aclTensor* x3,
+                  const char* group, const char* reduceOp, int64_t commTurn, int64_t streamMode,
+                  int64_t gs, const aclTensor* out) {
+  const std::pair<const aclTensor*, const char*> required[] = {
+      {x1, "x1"}, {x2, "x2"}, {scale, "antiquantScale"}, {out, "output"}};
+  for (auto& [t, name] : required) {
+    if (t == nullptr) return Fail(ACLNN_ERR_PARAM_NULLPTR, std::string(name) + " is nullptr");
+  }
+  auto invalid = [](const std::string& msg) { return Fail(ACLNN_ERR_PARAM_INVALID, msg); };
+  if (group == nullptr || reduceOp == nullptr)
+    return Fail(ACLNN_ERR_PARAM_NULLPTR, "group or reduceOp is nullptr");
+  if (std::string(reduceOp) != "sum") return invalid("reduceOp must be sum");
+  if (commTurn != 0) return invalid("commTurn must be 0");
+  if (streamMode != 1) return invalid("streamMode must be 1");
+  if (!IsAct(x1->dtype)) return invalid("x1 dtype must be FLOAT16 or BFLOAT16");
+  if (x1->view.size() < 2 || x1->view.size() > 3) return invalid("x1 must be 2-D or 3-D");
+  if (x2->view.size() != 2) return invalid("x2 view must be 2-D");
+  const aclDataType wd = x2->dtype;
+  if (wd != ACL_INT8 && wd != ACL_INT4 && !IsFp8Like(wd)) return invalid("x2 dtype is not supported");
+  const int64_t k = x1->view.back(), n = x2->view[1];
+  const int64_t m = Numel(x1->view) / k;
+  if (x2->view[0] != k) return invalid("x2 k " + std::to_string(x2->view[0]) + " != x1 k " + std::to_string(k));
+  if (k < 1 || k > 65535 || n < 1 || n > 65535) return invalid("k and n must be in [1, 65535]");
+  if (m < 1 || m > 2147483647LL) return invalid("m must be in [1, 2^31-1]");
+  if (x2->format == ACL_FORMAT_FRACTAL_NZ) {
+    if (wd != ACL_INT8 && wd != ACL_INT4) return invalid("FRACTAL_NZ x2 must be INT8 or INT4");
+    const int64_t c0 = wd == ACL_INT4 ? 64 : 32;
+    bool transposed = x2->strides[0] == 1 && x2->strides[1] != 1;
+    int64_t rows = transposed ? n : k, cols = transposed ? k : n;
+    std::vector<int64_t> want = {(cols + c0 - 1) / c0, (rows + 15) / 16, 16, c0};
+    if (x2->storage != want) return invalid("FRACTAL_NZ x2 storage " + Dims(x2->storage) + " != " + Dims(want));
+  } else if (x2->format != ACL_FORMAT_ND) {
+    return invalid("x2 format must be ND or FRACTAL_NZ");
+  }
+  if (gs != 0 && (gs % 32 != 0 || gs < 32 || gs > k - 1)) return invalid("antiquantGroupSize out of range");
+  if (scale->dtype != x1->dtype) return invalid("antiquantScale dtype must equal x1's");
+  const auto& sd = scale->view;
+  bool scale_ok = gs ? (sd == std::vector<int64_t>{(k + gs - 1) / gs, n})
+                     : (sd == std::vector<int64_t>{1} || sd == std::vector<int64_t>{n} ||
+                        sd == std::vector<int64_t>{1, n});
+  if (!scale_ok) return invalid("antiquantScale shape " + Dims(sd) + " is not allowed");
+  if (offset != nullptr) {
+    if (IsFp8Like(wd)) return invalid("antiquantOffset must be null with FP8/HiFloat8 weights");
+    if (offset->dtype != x1->dtype || offset->view != sd) return invalid("antiquantOffset must match antiquantScale");
+  }
+  std::vector<int64_t> out_dims(x1->view.begin(), x1->view.end() - 1);
+  out_dims.push_back(n);
+  if (out->view != out_dims || out->dtype != x1->dtype) return invalid("output must be " + Dims(out_dims) + " in x1's dtype");
+  if (bias != nullptr) {
+    bool dt_ok = bias->dtype == x1->dtype ||
+                 (IsFp8Like(wd) && x1->dtype == ACL_BF16 && bias->dtype == ACL_FLOAT);
+    if (!dt_ok || bias->view != std::vector<int64_t>{n}) return invalid("bias must be (n,) in x1's dtype");
+  }
+  if (x3 != nullptr) {
+    bool dt_ok = x3->dtype == x1->dtype || (IsFp8Like(wd) && x3->dtype == ACL_FLOAT);
+    if (!dt_ok || x3->view != out_dims) return invalid("x3 must have the output's shape and x1's dtype");
+  }
+  if (!FindGroup(group)) return invalid(std::string("group '") + group + "' is not a known communicator");
+  return ACLNN_SUCCESS;
+}
+
+// Index into x2's storage of logical element (i, j) of its (k, n) view.
+int64_t WeightIndex(const aclTensor& x2, int64_t i, int64_t j) {
+  if (x2.format == ACL_FORMAT_FRACTAL_NZ) {
+    bool transposed = x2.strides[0] == 1 && x2.strides[1] != 1;
+    int64_t r = transposed ? j : i, c = transposed ? i : j;  // element of the stored matrix
+    int64_t r1 = x2.storage[1], c0 = x2.storage[3];
+    return ((c / c0) * r1 + r / 16) * 16 * c0 + (r % 16) * c0 + (c % c0);
+  }
+  return i * x2.strides[0] + j * x2.strides[1];
+}
+
+}  // namespace
+
+EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduceGetWorkspaceSize(
+    const aclTensor* x1, const aclTensor* x2, const aclTensor* bias,
+    const aclTensor* antiquantScale, const aclTensor* antiquantOffset, const aclTensor* x3,
+    const char* group, const char* reduceOp, int64_t commTurn, int64_t streamMode,
+    int64_t antiquantGroupSize, const aclTensor* output, uint64_t* workspaceSize,
+    aclOpExecutor** executor) {
+  if (g_fail_stage.load() == 1) return Fail(g_fail_code.load(), "injected failure (emulator)");
+  if (workspaceSize == nullptr || executor == nullptr)
+    return Fail(ACLNN_ERR_PARAM_NULLPTR, "workspaceSize or executor is nullptr");
+  aclnnStatus st = Check(x1, x2, bias, antiquantScale, antiquantOffset, x3, group, reduceOp,
+                         commTurn, streamMode, antiquantGroupSize, output);
+  if (st != ACLNN_SUCCESS) return st;
+  auto* e = new aclOpExecutor;
+  e->x1 = *x1;
+  e->x2 = *x2;
+  e->scale = *antiquantScale;
+  e->out = *output;
+  if ((e->has_bias = bias != nullptr)) e->bias = *bias;
+  if ((e->has_offset = antiquantOffset != nullptr)) e->offset = *antiquantOffset;
+  if ((e->has_x3 = x3 != nullptr)) e->x3 = *x3;
+  e->group = group;
+  e->group_size = antiquantGroupSize;
+  e->workspace = 4096;  // exercised, not needed
+  g_live_executors.fetch_add(1);
+  *workspaceSize = e->workspace;
+  *executor = e;
+  return ACLNN_SUCCESS;
+}
+
+EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduce(void* workspace, uint64_t workspaceSize,
+                                                       aclOpExecutor* executor,
+                                                       const aclrtStream stream) {
+  (void)stream;
+  if (executor == nullptr) return Fail(ACLNN_ERR_PARAM_NULLPTR, "executor is nullptr");
+  std::unique_ptr<aclOpExecutor> e(executor);  // single use, freed on every path
+  g_live_executors.fetch_sub(1);
+  if (g_fail_stage.load() == 2) return Fail(g_fail_code.load(), "injected failure (emulator)");
+  if (workspaceSize < e->workspace || (e->workspace && workspace == nullptr))
+    return Fail(ACLNN_ERR_PARAM_INVALID, "workspace smaller than requested");
+  std::memset(workspace, 0xAB, workspaceSize);  // the workspace is really written
+  auto group = FindGroup(e->group);
+  if (!group) return Fail(ACLNN_ERR_PARAM_INVALID, "group '" + e->group + "' vanished");
+  int rank;
+  {
+    std::lock_guard<std::mutex> lock(group->mu);
+    auto it = group->device_to_rank.find(t_device);
+    if (it == group->device_to_rank.end()) {
+      return Fail(ACLNN_ERR_PARAM_INVALID, "device " + std::to_string(t_device) +
+                                               " is not a member of group " + e->group);
+    }
+    rank = it->second;
+  }
+  const aclTensor &x1 = e->x1, &x2 = e->x2, &sc = e->scale;
+  const int64_t k = x1.view.back(), n = x2.view[1], m = Numel(x1.view) / k;
+  const int64_t gs = e->group_size;
+  const bool per_tensor = !gs && Numel(sc.view) == 1;
+  std::vector<float> w(static_cast<size_t>(k * n));
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t p = per_tensor ? 0 : gs ? (i / gs) * n + j : j;
+      float q = ReadWeight(&x2, WeightIndex(x2, i, j));
+      if (e->has_offset) q += ReadFloat(&e->offset, p);
+      w[i * n + j] = q * ReadFloat(&sc, p);
+    }
+  }
+  std::vector<float> y(static_cast<size_t>(m * n));
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t i = 0; i < k; ++i) acc += double(ReadFloat(&x1, r * k + i)) * w[i * n + j];
+      if (e->has_bias) acc += ReadFloat(&e->bias, j);
+      if (e->has_x3) acc += ReadFloat(&e->x3, r * n + j);
+      y[r * n + j] = RoundTo(e->out.dtype, static_cast<float>(acc));
+    }
+  }
+  aclnnStatus st = AllReduce(*group, rank, e->out.dtype, &y);
+  if (st != ACLNN_SUCCESS) return st;
+  for (int64_t i = 0; i < m * n; ++i) WriteFloat(&e->out, i, y[i]);
+  return ACLNN_SUCCESS;
+}
+
+// ------------------------------------------------------------------ test hooks
+
+EMU_EXPORT int64_t wqmm_emu_live_tensors() { return g_live_tensors.load(); }
+EMU_EXPORT int64_t wqmm_emu_live_executors() { return g_live_executors.load(); }
+// stage 1: GetWorkspaceSize, 2: the op; 0 clears. Every call fails with ``code`` while set.
+EMU_EXPORT void wqmm_emu_set_failure(int stage, int code) {
+  g_fail_code.store(code);
+  g_fail_stage.store(stage);
+}
+EMU_EXPORT void wqmm_emu_set_timeout_ms(int64_t ms) { g_timeout_ms.store(ms); }
+EMU_EXPORT int64_t wqmm_emu_timeout_ms() { return g_timeout_ms.load(); }

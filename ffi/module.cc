@@ -1,0 +1,132 @@
+// The nanobind module jax_wqmm._wqmm_ffi: handler capsules, the CANN loader, the HCCL calls
+// that jax_wqmm.hccl needs, and the group registry.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cann_library.h"
+#include "wqmm_handler.h"
+
+namespace nb = nanobind;
+using jax_wqmm::CannApi;
+using jax_wqmm::CannLibrary;
+
+namespace {
+
+template <typename T>
+nb::capsule EncapsulateFfiHandler(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "Encapsulated function must be an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+const CannApi& RequireApi() {
+  const CannApi* api = CannLibrary::Get().api();
+  if (api == nullptr) {
+    throw std::runtime_error("the CANN libraries are not loaded:\n" + CannLibrary::Get().report());
+  }
+  return *api;
+}
+
+void CheckHccl(int result, const char* call) {
+  if (result != HCCL_SUCCESS) {
+    std::string detail = CannLibrary::Get().api() ? RequireApi().RecentErrorMessage() : "";
+    throw std::runtime_error(std::string(call) + " returned " + std::to_string(result) +
+                             (detail.empty() ? "" : ": " + detail));
+  }
+}
+
+std::string CommName(const CannApi& api, HcclComm comm) {
+  char name[HCCL_COMM_NAME_MAX + 1] = {0};
+  CheckHccl(api.HcclGetCommName(comm, name), "HcclGetCommName");
+  return std::string(name);
+}
+
+}  // namespace
+
+NB_MODULE(_wqmm_ffi, m) {
+  m.doc() = "XLA FFI handlers for aclnnWeightQuantMatmulAllReduce and the CANN loader.";
+
+  m.def("registrations", []() {
+    nb::dict d;
+    d["wqmm_aclnn_device"] = EncapsulateFfiHandler(WqmmAclnnDevice);
+    d["wqmm_aclnn_host"] = EncapsulateFfiHandler(WqmmAclnnHost);
+    d["wqmm_noop"] = EncapsulateFfiHandler(WqmmNoop);
+    return d;
+  });
+
+  // ------------------------------------------------------------------ loader
+  m.def("load_cann", [](const std::vector<std::string>& dirs,
+                        const std::map<std::string, std::string>& names) {
+    return CannLibrary::Get().Load(dirs, names);
+  }, nb::arg("dirs"), nb::arg("names"),
+     "Loads the CANN libraries; returns '' or a report of every path and symbol that failed.");
+  m.def("unload_cann", []() { CannLibrary::Get().Unload(); });
+  m.def("cann_loaded", []() { return CannLibrary::Get().api() != nullptr; });
+  m.def("cann_paths", []() { return CannLibrary::Get().loaded_paths(); });
+  m.def("library_roles", []() { return jax_wqmm::LibraryRoles(); });
+
+  // ------------------------------------------------------------------ group registry
+  m.def("register_group", &jax_wqmm::RegisterGroup, nb::arg("axis"), nb::arg("device"),
+        nb::arg("name"));
+  m.def("clear_groups", &jax_wqmm::ClearGroups);
+  m.def("groups", []() {
+    nb::dict d;
+    for (const auto& [key, name] : jax_wqmm::Groups()) d[nb::make_tuple(key.first, key.second)] = name;
+    return d;
+  });
+
+  // ------------------------------------------------------------------ HCCL / ACL calls
+  m.def("acl_set_device", [](int32_t device) {
+    const CannApi& api = RequireApi();
+    if (api.aclrtSetDevice == nullptr) throw std::runtime_error("aclrtSetDevice is not available");
+    int r = api.aclrtSetDevice(device);
+    if (r != 0) throw std::runtime_error("aclrtSetDevice returned " + std::to_string(r));
+  });
+  m.def("hccl_comm_init_all", [](std::vector<int32_t> devices) {
+    const CannApi& api = RequireApi();
+    std::vector<HcclComm> comms(devices.size(), nullptr);
+    {
+      nb::gil_scoped_release release;
+      CheckHccl(api.HcclCommInitAll(static_cast<uint32_t>(devices.size()), devices.data(),
+                                    comms.data()),
+                "HcclCommInitAll");
+    }
+    std::vector<std::pair<uintptr_t, std::string>> out;
+    for (HcclComm c : comms) out.emplace_back(reinterpret_cast<uintptr_t>(c), CommName(api, c));
+    return out;
+  }, "One communicator per device of one group, in one process: [(handle, name)].");
+  m.def("hccl_get_root_info", []() {
+    const CannApi& api = RequireApi();
+    HcclRootInfo info;
+    CheckHccl(api.HcclGetRootInfo(&info), "HcclGetRootInfo");
+    return nb::bytes(info.internal, sizeof(info.internal));
+  });
+  m.def("hccl_comm_init_root_info", [](int32_t device, uint32_t nranks, nb::bytes root,
+                                        uint32_t rank) {
+    const CannApi& api = RequireApi();
+    if (root.size() != sizeof(HcclRootInfo)) throw std::invalid_argument("root info: wrong size");
+    HcclRootInfo info;
+    std::memcpy(info.internal, root.c_str(), sizeof(info.internal));
+    HcclComm comm = nullptr;
+    {
+      nb::gil_scoped_release release;  // blocks until every rank has joined
+      if (api.aclrtSetDevice != nullptr) {  // HCCL binds the communicator to the current device
+        int r = api.aclrtSetDevice(device);
+        if (r != 0) throw std::runtime_error("aclrtSetDevice returned " + std::to_string(r));
+      }
+      CheckHccl(api.HcclCommInitRootInfo(nranks, &info, rank, &comm), "HcclCommInitRootInfo");
+    }
+    return std::make_pair(reinterpret_cast<uintptr_t>(comm), CommName(api, comm));
+  });
+  m.def("hccl_comm_destroy", [](uintptr_t handle) {
+    CheckHccl(RequireApi().HcclCommDestroy(reinterpret_cast<HcclComm>(handle)), "HcclCommDestroy");
+  });
+}

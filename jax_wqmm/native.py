@@ -1,0 +1,257 @@
+"""The native path: the nanobind extension, finding the CANN libraries, and the FFI lowering.
+
+Nothing here runs at import: the extension and CANN are loaded on first use, so importing
+jax_wqmm never fails because CANN (or the extension) is absent.
+
+Library lookup, per library (libascendcl, libnnopbase, libhccl and the op library):
+  1. the explicit setting: :func:`configure_cann` (``lib_dirs``), else ``$JAX_WQMM_CANN_LIB_DIR``
+     (``:``-separated);
+  2. ``$ASCEND_HOME_PATH/lib64``, ``$ASCEND_TOOLKIT_HOME/lib64``,
+     ``/usr/local/Ascend/ascend-toolkit/latest/lib64``, ``/usr/local/Ascend/cann/lib64``;
+  3. the dynamic loader's default path (``LD_LIBRARY_PATH``, ldconfig).
+The op library name (``libopapi.so``) is overridable: newer CANN splits it into per-family
+libraries (``configure_cann(op_library=...)`` or ``$JAX_WQMM_OPAPI_LIBRARY``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+import warnings
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.interpreters import mlir
+
+from .spec import SUPPORTED_AXIS_SIZES, WqmmSpec
+
+__all__ = [
+    "CannLibraryError",
+    "configure_cann",
+    "load_cann",
+    "cann_status",
+    "library_search_dirs",
+    "library_names",
+    "ffi_attributes",
+    "native_lowering",
+    "register_npu_lowering",
+    "NPU_PLATFORM",
+]
+
+ENV_LIB_DIR = "JAX_WQMM_CANN_LIB_DIR"
+ENV_OP_LIBRARY = "JAX_WQMM_OPAPI_LIBRARY"
+ENV_PLATFORM = "JAX_WQMM_NPU_PLATFORM"
+#: The platform name of the Ascend PJRT plugin (unconfirmed; "npu" is the likely one).
+NPU_PLATFORM = os.environ.get(ENV_PLATFORM, "npu")
+
+DEFAULT_LIBRARY_NAMES = {
+    "ascendcl": "libascendcl.so",
+    "nnopbase": "libnnopbase.so",
+    "hccl": "libhccl.so",
+    "opapi": "libopapi.so",
+}
+# aclDataType / aclFormat codes (ffi/cann_abi.h)
+ACL_WEIGHT_DTYPE = {"int8": 2, "int4": 29, "hifloat8": 34, "float8_e5m2": 35, "float8_e4m3fn": 36}
+ACL_FORMAT = {"ND": 2, "FRACTAL_NZ": 29}
+
+_lock = threading.Lock()
+_config: dict = {"lib_dirs": None, "names": {}}
+
+
+class CannLibraryError(RuntimeError):
+    """The CANN libraries (or a symbol in them) could not be loaded; the message lists every
+    path tried and every symbol missing."""
+
+
+class NativeExtensionError(ImportError):
+    """The compiled extension jax_wqmm._wqmm_ffi is not importable."""
+
+
+@functools.cache
+def extension():
+    """The compiled extension module (imported on first use)."""
+    try:
+        from . import _wqmm_ffi  # type: ignore[attr-defined]
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise NativeExtensionError(
+            "jax_wqmm._wqmm_ffi is not built: install the package with `pip install .` "
+            f"(a C++17 compiler is needed): {e}") from e
+    return _wqmm_ffi
+
+
+def configure_cann(
+    lib_dirs: Sequence[str] | None = None,
+    op_library: str | None = None,
+    library_names: Mapping[str, str] | None = None,
+) -> None:
+    """Sets where the CANN libraries are found; the next use reloads them.
+
+    Args:
+      lib_dirs: directories searched first (before the CANN install locations).
+      op_library: the op library's file name or path (default ``libopapi.so``).
+      library_names: file name or path per role: "ascendcl", "nnopbase", "hccl", "opapi".
+    """
+    with _lock:
+        _config["lib_dirs"] = None if lib_dirs is None else [os.fspath(d) for d in lib_dirs]
+        names = dict(library_names or {})
+        if op_library is not None:
+            names["opapi"] = os.fspath(op_library)
+        unknown = set(names) - set(DEFAULT_LIBRARY_NAMES)
+        if unknown:
+            raise ValueError(f"library_names: unknown roles {sorted(unknown)}; "
+                             f"the roles are {sorted(DEFAULT_LIBRARY_NAMES)}")
+        _config["names"] = names
+        if "jax_wqmm._wqmm_ffi" in __import__("sys").modules:
+            extension().unload_cann()
+
+
+def library_search_dirs() -> list[str]:
+    """The directories searched, in order (the loader's default path comes last, implicitly)."""
+    explicit = _config["lib_dirs"]
+    if explicit is None:
+        explicit = [d for d in os.environ.get(ENV_LIB_DIR, "").split(os.pathsep) if d]
+    dirs = list(explicit)
+    for var in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME"):
+        if os.environ.get(var):
+            dirs.append(os.path.join(os.environ[var], "lib64"))
+    dirs += ["/usr/local/Ascend/ascend-toolkit/latest/lib64", "/usr/local/Ascend/cann/lib64"]
+    return dirs
+
+
+def library_names() -> dict[str, str]:
+    """The library file name (or path) per role."""
+    names = dict(DEFAULT_LIBRARY_NAMES)
+    if os.environ.get(ENV_OP_LIBRARY):
+        names["opapi"] = os.environ[ENV_OP_LIBRARY]
+    names.update(_config["names"])
+    return names
+
+
+def load_cann() -> None:
+    """Loads the CANN libraries if not loaded; raises :class:`CannLibraryError` listing every
+    path tried and every missing symbol."""
+    ext = extension()
+    with _lock:
+        if ext.cann_loaded():
+            return
+        report = ext.load_cann(library_search_dirs(), library_names())
+    if report:
+        raise CannLibraryError(
+            "jax_wqmm could not load the CANN libraries:\n" + report
+            + f"Point it at a CANN install with ${ENV_LIB_DIR}=<dir> or "
+              "jax_wqmm.native.configure_cann(lib_dirs=[...]); set the op library with "
+              f"${ENV_OP_LIBRARY} or configure_cann(op_library=...).")
+
+
+def cann_status() -> dict:
+    """What is loaded: {"loaded": bool, "paths": {role: path}, "search_dirs": [...], "names": {...}}."""
+    ext = extension()
+    return {"loaded": ext.cann_loaded(), "paths": dict(ext.cann_paths()),
+            "search_dirs": library_search_dirs(), "names": library_names()}
+
+
+# ------------------------------------------------------------------------------ lowering
+
+def axis_key(axis_name: Sequence[str]) -> str:
+    """The group-registry key of a (tuple of) mesh axis name(s)."""
+    return ",".join(axis_name)
+
+
+def ffi_attributes(spec: WqmmSpec) -> dict:
+    """The FFI attributes of a validated call (names and types as ffi/wqmm_handler.cc binds)."""
+    return dict(
+        axis=axis_key(spec.axis_name),
+        antiquant_group_size=np.int64(spec.group_size),
+        transpose_x2=bool(spec.transpose_x2),
+        x2_format=np.int32(ACL_FORMAT[spec.x2_format]),
+        x2_dtype=np.int32(ACL_WEIGHT_DTYPE[spec.weight_dtype]),
+        has_offset=bool(spec.has_offset),
+        has_bias=bool(spec.has_bias),
+        has_x3=bool(spec.has_x3),
+        k=np.int64(spec.k),
+        n=np.int64(spec.n),
+        reduce_op=spec.reduce_op,
+        comm_turn=np.int64(spec.comm_turn),
+        stream_mode=np.int64(spec.stream_mode),
+    )
+
+
+def _axis_sizes(ctx, axis_name: Sequence[str]) -> list[int]:
+    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
+    if mesh is None:
+        raise NotImplementedError(
+            f"jax_wqmm: the native lowering needs the mesh of axis_name={tuple(axis_name)}: "
+            "call the op inside jax.shard_map")
+    return [int(mesh.shape[a]) for a in axis_name]
+
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+@functools.cache
+def _reference_rule():
+    from . import primitive
+    return mlir.lower_fun(primitive._reference_impl, multiple_results=False)
+
+
+def native_lowering(target: str):
+    """A lowering rule: one custom call into ``target`` (the all-reduce inside it), or the
+    reference lowering (matmul + XLA all-reduce) where the fused kernel cannot run."""
+
+    def rule(ctx, *operands, spec: WqmmSpec):
+        if not spec.axis_name:
+            # No reduction: the MC2 kernel has nothing to fuse; XLA's dequantize + dot runs.
+            return _reference_rule()(ctx, *operands, spec=spec)
+        sizes = _axis_sizes(ctx, spec.axis_name)
+        world = math.prod(sizes)
+        if world not in SUPPORTED_AXIS_SIZES:
+            _warn_once(("axis_size", world), (
+                f"jax_wqmm: axis_name={spec.axis_name} spans {world} devices; "
+                "aclnnWeightQuantMatmulAllReduce supports 1, 2, 4 or 8 ranks, so this call "
+                "falls back to the reference lowering (dequantize + matmul + XLA all-reduce)."))
+            return _reference_rule()(ctx, *operands, spec=spec)
+        load_cann()
+        # has_side_effect: the custom call hides a collective, so XLA must run it on every
+        # rank even where its result is unused (else the other ranks wait forever).
+        return jax.ffi.ffi_lowering(target, has_side_effect=True)(ctx, *operands, **ffi_attributes(spec))
+
+    return rule
+
+
+_registered_targets: set = set()
+
+
+def register_targets(platform: str, *names: str) -> None:
+    """Registers the extension's FFI targets ``names`` for ``platform`` (once each)."""
+    regs = extension().registrations()
+    for name in names:
+        if (name, platform) not in _registered_targets:
+            jax.ffi.register_ffi_target(name, regs[name], platform=platform)
+            _registered_targets.add((name, platform))
+
+
+def register_npu_lowering(platform: str | None = None) -> bool:
+    """Makes ``platform`` (default :data:`NPU_PLATFORM`) lower the op to the fused kernel.
+
+    Returns False (and does nothing) when JAX knows no such platform (no PJRT plugin
+    loaded): JAX refuses lowerings for unknown platforms. Loads nothing from CANN: that
+    happens at the first lowering, which raises :class:`CannLibraryError` if CANN is missing.
+    """
+    from jax._src import xla_bridge
+    from .primitive import wqmm_p
+
+    platform = platform or NPU_PLATFORM
+    if not xla_bridge.is_known_platform(platform):
+        return False
+    register_targets(platform, "wqmm_aclnn_device")
+    mlir.register_lowering(wqmm_p, native_lowering("wqmm_aclnn_device"), platform=platform)
+    return True

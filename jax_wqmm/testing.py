@@ -1,0 +1,116 @@
+"""Driving the native path on CPU against the host emulator of the CANN ABI.
+
+The emulator (``libwqmm_cann_emulator.so``, built next to the extension) exports the CANN
+symbols the handler calls and computes the operator on host memory, with a real all-reduce
+across the device threads. :func:`use_emulator` points the loader at it and lowers the
+primitive on the CPU platform through the native FFI handler instead of the jnp reference::
+
+    import jax_wqmm.testing as wqt
+    emu = wqt.use_emulator()
+    wqt.create_groups(mesh, "tp")        # HCCL communicators (emulated) per tp group
+    ...jit(shard_map(...))...            # one custom call per device, no XLA all-reduce
+    wqt.use_reference()                  # back to the default CPU lowering
+
+This is an emulation of the ABI: it says nothing about CANN's own numerics or performance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+from jax.interpreters import mlir
+
+from . import hccl, native
+from .hccl import create_groups, destroy_groups  # re-exported for convenience
+
+__all__ = ["Emulator", "emulator_library_path", "use_emulator", "use_reference", "emulated_npu",
+           "create_groups", "destroy_groups", "HOST_TARGET", "NOOP_TARGET"]
+
+HOST_TARGET = "wqmm_aclnn_host"
+NOOP_TARGET = "wqmm_noop"
+
+
+def emulator_library_path() -> Path:
+    """The emulator shared library installed next to the extension."""
+    return Path(__file__).with_name("libwqmm_cann_emulator.so")
+
+
+class Emulator:
+    """Test hooks of the loaded emulator."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(os.fspath(path))
+        for name in ("wqmm_emu_live_tensors", "wqmm_emu_live_executors", "wqmm_emu_timeout_ms"):
+            getattr(lib, name).restype = ctypes.c_int64
+        lib.wqmm_emu_set_failure.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.wqmm_emu_set_timeout_ms.argtypes = [ctypes.c_int64]
+        self._lib = lib
+
+    def live_tensors(self) -> int:
+        """aclTensor descriptors created and not yet destroyed."""
+        return int(self._lib.wqmm_emu_live_tensors())
+
+    def live_executors(self) -> int:
+        return int(self._lib.wqmm_emu_live_executors())
+
+    def set_failure(self, stage: str | None, code: int = 161002) -> None:
+        """Every call of ``stage`` ("workspace" or "run") fails with ``code``; None clears."""
+        self._lib.wqmm_emu_set_failure({None: 0, "workspace": 1, "run": 2}[stage], code)
+
+    @contextlib.contextmanager
+    def failing(self, stage: str, code: int = 161002):
+        self.set_failure(stage, code)
+        try:
+            yield
+        finally:
+            self.set_failure(None)
+
+    def set_timeout_ms(self, ms: int) -> None:
+        """How long a rank waits for the others in the all-reduce and in group creation."""
+        self._lib.wqmm_emu_set_timeout_ms(int(ms))
+
+    @property
+    def timeout_ms(self) -> int:
+        return int(self._lib.wqmm_emu_timeout_ms())
+
+
+@functools.cache
+def _emulator(path: str) -> Emulator:
+    return Emulator(Path(path))
+
+
+def use_emulator(platform: str = "cpu") -> Emulator:
+    """Loads the emulator as every CANN library and lowers the op on ``platform`` through the
+    native handler's host binding. Returns the emulator's test hooks."""
+    from .primitive import wqmm_p
+
+    path = emulator_library_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the emulator is not built (install with `pip install .`)")
+    native.configure_cann(lib_dirs=[], library_names={r: os.fspath(path) for r in native.DEFAULT_LIBRARY_NAMES})
+    native.load_cann()
+    native.register_targets(platform, HOST_TARGET, NOOP_TARGET)
+    mlir.register_lowering(wqmm_p, native.native_lowering(HOST_TARGET), platform=platform)
+    return _emulator(os.fspath(path))
+
+
+def use_reference(platform: str = "cpu") -> None:
+    """Restores the jnp reference lowering on ``platform``."""
+    from .primitive import wqmm_p
+
+    mlir.register_lowering(wqmm_p, native._reference_rule(), platform=platform)
+
+
+@contextlib.contextmanager
+def emulated_npu(platform: str = "cpu"):
+    """``with emulated_npu() as emu:`` the op lowers to the native handler on ``platform``."""
+    emu = use_emulator(platform)
+    try:
+        yield emu
+    finally:
+        use_reference(platform)

@@ -1,0 +1,234 @@
+"""The native path (FFI handler -> CANN ABI) driven on CPU against the host emulator.
+
+Nothing here ran on Ascend hardware: the emulator stands in for CANN (see jax_wqmm.testing).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+import jax_wqmm as wq
+import jax_wqmm.testing as wqt
+from jax_wqmm import hccl, native
+import oracle
+from cases import make_case
+from test_shard_map import _nz_per_rank, _rank_slices, _weight_spec
+
+
+@pytest.fixture(scope="module")
+def emu():
+    emulator = wqt.use_emulator()
+    yield emulator
+    wqt.use_reference()
+    wqt.destroy_groups()
+
+
+@pytest.fixture(scope="module")
+def mesh_tp(emu):
+    mesh = jax.make_mesh((8,), ("tp",), axis_types=(AxisType.Explicit,))
+    wqt.create_groups(mesh, "tp")
+    return mesh
+
+
+def _run(mesh, case, x2=None, specs=None, axis_name="tp", out_specs=P()):
+    x1, x2_, s, o, b, x3 = case.args
+    x2 = x2_ if x2 is None else x2
+    present = [a is not None for a in (x1, x2, s, o, b, x3)]
+    arrays = [a for a in (x1, x2, s, o, b, x3) if a is not None]
+    specs = [sp for sp, p in zip(specs, present) if p]
+
+    def f(*args):
+        it = iter(args)
+        a = [next(it) if p else None for p in present]
+        return wq.weight_quant_matmul_all_reduce(*a, axis_name=axis_name, **case.kwargs)
+
+    fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs))
+    put = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, sp)) for a, sp in zip(arrays, specs)]
+    return fn, put
+
+
+CONFIGS = [
+    dict(weight_dtype="int8", granularity="per_channel", offset=True, bias=True, x3=True),
+    dict(weight_dtype="int8", granularity="per_tensor", act="float16"),
+    dict(weight_dtype="int8", granularity="per_group", group_size=32, offset=True, x3=True),
+    dict(weight_dtype="int4", granularity="per_group", group_size=32, offset=True, bias=True),
+    dict(weight_dtype="int4", granularity="per_channel", transpose=True, act="float16", bias=True),
+    dict(weight_dtype="int8", granularity="per_channel", transpose=True, offset=True),
+    dict(weight_dtype="int8", granularity="per_channel", fmt="FRACTAL_NZ", bias=True),
+    dict(weight_dtype="int4", granularity="per_group", group_size=32, fmt="FRACTAL_NZ", act="float16"),
+    dict(weight_dtype="float8_e4m3fn", granularity="per_channel", bias=True),
+    dict(weight_dtype="hifloat8", granularity="per_tensor", x3=True, act="float16"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_tp8_native_equals_reference_and_oracle(mesh_tp, cfg):
+    case = make_case(np.random.default_rng(40), k=8 * 64, n=48, lead=(5,), **cfg)
+    x2 = _nz_per_rank(case, 8) if case.kwargs["x2_format"] == "FRACTAL_NZ" else None
+    qspec = P("tp", None) if case.group_size else P()
+    specs = (P(None, "tp"), _weight_spec(case.kwargs), qspec, qspec, P(), P())
+    fn, args = _run(mesh_tp, case, x2, specs)
+    text = fn.lower(*args).as_text()
+    assert text.count("stablehlo.custom_call @wqmm_aclnn_host") == 1
+    assert "all_reduce" not in text and "all-reduce" not in fn.lower(*args).compile().as_text()
+    y = fn(*args)
+    expected, mag = oracle.wqmm(_rank_slices(case, 8), case.group_size, case.weight_dtype)
+    oracle.assert_close(y, expected, mag, case.act, ranks=8)
+    # ... and the reference lowering of the same call agrees within the same tolerance.
+    wqt.use_reference()
+    try:
+        fn_ref, _ = _run(mesh_tp, case, x2, specs)
+        y_ref = fn_ref(*args)
+    finally:
+        wqt.use_emulator()
+    oracle.assert_close(y, np.asarray(y_ref, np.float64), mag, case.act, ranks=16)
+
+
+def test_2d_mesh_each_device_finds_its_tp_group(emu):
+    mesh = jax.make_mesh((2, 4), ("dp", "tp2"), axis_types=(AxisType.Explicit,) * 2)
+    names = wqt.create_groups(mesh, "tp2")
+    assert len(set(names.values())) == 2  # one group per dp index
+    for row in mesh.devices:
+        assert len({names[d] for d in row}) == 1
+    case = make_case(np.random.default_rng(41), weight_dtype="int4", granularity="per_group",
+                     group_size=32, offset=True, bias=True, x3=True, k=4 * 64, n=24, lead=(2, 3))
+    specs = (P("dp", None, "tp2"), P("tp2", None), P("tp2", None), P("tp2", None), P(), P("dp"))
+    fn, args = _run(mesh, case, None, specs, axis_name="tp2", out_specs=P("dp"))
+    assert "all_reduce" not in fn.lower(*args).as_text()
+    y = np.asarray(fn(*args), np.float64)
+    for d in range(2):
+        block = dict(case.oracle, x1=case.oracle["x1"][d:d + 1], x3=case.oracle["x3"][d:d + 1])
+        sub = type(case)(case.args, case.kwargs, block, case.act, case.group_size, case.weight_dtype)
+        expected, mag = oracle.wqmm(_rank_slices(sub, 4), 32, "int4")
+        oracle.assert_close(y[d:d + 1], expected, mag, case.act, ranks=4)
+
+
+def _small(mesh):
+    case = make_case(np.random.default_rng(42), k=8 * 32, n=16, lead=(4,), offset=True, bias=True)
+    return _run(mesh, case, None, (P(None, "tp"), P("tp", None), P(), P(), P(), P())) + (case,)
+
+
+def test_emulator_error_names_stage_and_code(mesh_tp, emu):
+    fn, args, _ = _small(mesh_tp)
+    fn(*args).block_until_ready()
+    with emu.failing("workspace", 161002):
+        with pytest.raises(jax.errors.JaxRuntimeError,
+                           match=r"aclnnWeightQuantMatmulAllReduceGetWorkspaceSize returned 161002 \(ACLNN_ERR_PARAM_INVALID\): injected failure"):
+            fn(*args).block_until_ready()
+    with emu.failing("run", 507015):
+        with pytest.raises(jax.errors.JaxRuntimeError, match=r"aclnnWeightQuantMatmulAllReduce returned 507015"):
+            fn(*args).block_until_ready()
+    assert emu.live_tensors() == 0 and emu.live_executors() == 0
+
+
+def test_thousand_calls_leave_no_live_descriptors(mesh_tp, emu):
+    fn, args, _ = _small(mesh_tp)
+    before = emu.live_tensors()
+    for _ in range(125):  # 125 calls x 8 devices = 1,000 handler calls
+        y = fn(*args)
+    y.block_until_ready()
+    assert before == 0
+    assert emu.live_tensors() == 0 and emu.live_executors() == 0
+
+
+def test_missing_group_is_a_clear_error(emu):
+    mesh = jax.make_mesh((8,), ("unregistered",), axis_types=(AxisType.Explicit,))
+    case = make_case(np.random.default_rng(43), k=8 * 32, n=16)
+    fn, args = _run(mesh, case, None, (P(None, "unregistered"), P("unregistered", None), P()),
+                    axis_name="unregistered")
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match="no HCCL group registered for mesh axis 'unregistered' on local device"):
+        fn(*args).block_until_ready()
+
+
+def test_axis_size_3_falls_back_and_warns(emu):
+    mesh = Mesh(np.array(jax.devices()[:3]), ("tp3",))
+    case = make_case(np.random.default_rng(44), k=3 * 32, n=16, bias=True)
+    fn, args = _run(mesh, case, None, (P(None, "tp3"), P("tp3", None), P(), P(), P(), P()), axis_name="tp3")
+    native._warned.clear()
+    with pytest.warns(RuntimeWarning, match="spans 3 devices.*supports 1, 2, 4 or 8 ranks"):
+        text = fn.lower(*args).as_text()
+    assert "custom_call" not in text and "all_reduce" in text
+    expected, mag = oracle.wqmm(_rank_slices(case, 3), 0, "int8")
+    oracle.assert_close(fn(*args), expected, mag, case.act, ranks=3)
+
+
+def test_group_from_root_info_exchange(emu):
+    """The multi-process path (HcclGetRootInfo + HcclCommInitRootInfo, one thread per local
+    device) in one process: every rank joins the same communicator."""
+    ext = native.extension()
+    devices = jax.devices()[:4]
+    root = ext.hccl_get_root_info()
+    results = hccl._init_root_info(ext, devices, devices, root)
+    names = {name for _, (_, name) in results}
+    assert len(names) == 1
+    mesh = Mesh(np.array(devices), ("tp_root",))
+    for d, (handle, name) in results:
+        hccl.register_group("tp_root", d, name)
+        ext.hccl_comm_destroy(handle)  # the group stays registered in the emulator
+    case = make_case(np.random.default_rng(45), k=4 * 32, n=16)
+    fn, args = _run(mesh, case, None, (P(None, "tp_root"), P("tp_root", None), P()), axis_name="tp_root")
+    expected, mag = oracle.wqmm(_rank_slices(case, 4), 0, "int8")
+    oracle.assert_close(fn(*args), expected, mag, case.act, ranks=4)
+
+
+def test_missing_library_lists_every_path_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASCEND_HOME_PATH", str(tmp_path / "ascend"))
+    native.configure_cann(lib_dirs=[str(tmp_path / "mine")], op_library="libopapi_math.so")
+    try:
+        with pytest.raises(native.CannLibraryError) as info:
+            native.load_cann()
+        msg = str(info.value)
+        for fragment in (str(tmp_path / "mine" / "libopapi_math.so"),
+                         str(tmp_path / "ascend" / "lib64" / "libnnopbase.so"),
+                         "/usr/local/Ascend/ascend-toolkit/latest/lib64/libhccl.so",
+                         "/usr/local/Ascend/cann/lib64/libascendcl.so",
+                         "libopapi_math.so (loader default path)",
+                         "JAX_WQMM_CANN_LIB_DIR"):
+            assert fragment in msg, (fragment, msg)
+    finally:
+        wqt.use_emulator()  # restore the emulator configuration for the other tests
+
+
+def test_missing_symbol_is_named(tmp_path):
+    # A real library without the aclnn symbols: libm as every role.
+    native.configure_cann(lib_dirs=[], library_names={r: "libm.so.6" for r in native.DEFAULT_LIBRARY_NAMES})
+    try:
+        with pytest.raises(native.CannLibraryError, match="missing symbol aclnnWeightQuantMatmulAllReduce in libm.so.6"):
+            native.load_cann()
+    finally:
+        wqt.use_emulator()
+
+
+def test_import_never_needs_cann():
+    code = textwrap.dedent("""
+        import jax_wqmm, jax_wqmm.native as n
+        assert n.register_npu_lowering() is False      # no 'npu' platform here
+        try:
+            n.load_cann()
+        except n.CannLibraryError as e:
+            print("clear error:", str(e).splitlines()[0])
+    """)
+    env = dict(os.environ, JAX_WQMM_CANN_LIB_DIR="/nonexistent", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "clear error: jax_wqmm could not load the CANN libraries" in out.stdout
+
+
+def test_ffi_attributes_come_from_the_spec():
+    case = make_case(np.random.default_rng(46), weight_dtype="int4", granularity="per_group",
+                     group_size=32, offset=True, transpose=True, fmt="FRACTAL_NZ", x3=True)
+    spec = wq.make_spec(*case.args, axis_name=("dp", "tp"), **case.kwargs)
+    attrs = native.ffi_attributes(spec)
+    assert attrs["axis"] == "dp,tp" and attrs["x2_dtype"] == 29 and attrs["x2_format"] == 29
+    assert attrs["transpose_x2"] is True and attrs["has_offset"] and attrs["has_x3"] and not attrs["has_bias"]
+    assert (attrs["k"], attrs["n"], attrs["antiquant_group_size"]) == (96, 40, 32)
+    assert isinstance(attrs["k"], np.int64) and isinstance(attrs["x2_dtype"], np.int32)

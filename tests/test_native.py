@@ -133,8 +133,9 @@ def test_thousand_calls_leave_no_live_descriptors(mesh_tp, emu):
     fn, args, _ = _small(mesh_tp)
     before = emu.live_tensors()
     for _ in range(125):  # 125 calls x 8 devices = 1,000 handler calls
-        y = fn(*args)
-    y.block_until_ready()
+        # One call in flight at a time: with many queued, jax 0.10's CPU runtime starves the
+        # emulator's rendezvous of threads (slow, not wrong; see README, "emulator").
+        fn(*args).block_until_ready()
     assert before == 0
     assert emu.live_tensors() == 0 and emu.live_executors() == 0
 

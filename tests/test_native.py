@@ -233,3 +233,13 @@ def test_ffi_attributes_come_from_the_spec():
     assert attrs["transpose_x2"] is True and attrs["has_offset"] and attrs["has_x3"] and not attrs["has_bias"]
     assert (attrs["k"], attrs["n"], attrs["antiquant_group_size"]) == (96, 40, 32)
     assert isinstance(attrs["k"], np.int64) and isinstance(attrs["x2_dtype"], np.int32)
+
+
+@pytest.mark.slow
+def test_selftest_command_passes_on_the_emulator():
+    out = subprocess.run([sys.executable, "-m", "jax_wqmm.selftest", "--max-single", "1"],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "EMULATOR" in out.stdout and "nothing ran on Ascend hardware" in out.stdout
+    assert " 0 failed" in out.stdout

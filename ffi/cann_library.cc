@@ -54,14 +54,18 @@ void* OpenRole(const std::string& name, const std::vector<std::string>& dirs,
 
 }  // namespace
 
-std::string CannLibrary::Load(const std::vector<std::string>& dirs,
-                              const std::map<std::string, std::string>& names) {
-  std::lock_guard<std::mutex> lock(mu_);
+void CannLibrary::CloseLocked() {
   for (void* h : handles_) dlclose(h);
   handles_.clear();
   paths_.clear();
   api_ = CannApi();
   loaded_ = false;
+}
+
+std::string CannLibrary::Load(const std::vector<std::string>& dirs,
+                              const std::map<std::string, std::string>& names) {
+  std::lock_guard<std::mutex> lock(mu_);
+  CloseLocked();
 
   std::map<std::string, void*> by_role;
   std::ostringstream report;
@@ -112,10 +116,7 @@ std::string CannLibrary::Load(const std::vector<std::string>& dirs,
     }
   }
   if (!ok) {
-    for (void* h : handles_) dlclose(h);
-    handles_.clear();
-    paths_.clear();
-    api_ = CannApi();
+    CloseLocked();
     report_ = report.str();
     return report_;
   }
@@ -126,11 +127,7 @@ std::string CannLibrary::Load(const std::vector<std::string>& dirs,
 
 void CannLibrary::Unload() {
   std::lock_guard<std::mutex> lock(mu_);
-  for (void* h : handles_) dlclose(h);
-  handles_.clear();
-  paths_.clear();
-  api_ = CannApi();
-  loaded_ = false;
+  CloseLocked();
 }
 
 std::string CannLibrary::report() const {

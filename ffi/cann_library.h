@@ -59,6 +59,7 @@ class CannLibrary {
   std::map<std::string, std::string> loaded_paths() const;
 
  private:
+  void CloseLocked();  // requires mu_
   mutable std::mutex mu_;
   bool loaded_ = false;
   CannApi api_;

@@ -305,31 +305,22 @@ ffi::Error NoopImpl(int32_t, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi
       .Attr<int64_t>("comm_turn")                                                         \
       .Attr<int64_t>("stream_mode")
 
+// The operands and attributes every binding shares, after its context.
+#define WQMM_BIND_OPERANDS(binding)                                                           \
+  WQMM_BIND_ATTRS(binding.Arg<ffi::AnyBuffer>()                                               \
+                      .Arg<ffi::AnyBuffer>()                                                  \
+                      .Arg<ffi::AnyBuffer>()                                                  \
+                      .RemainingArgs()                                                        \
+                      .Ret<ffi::AnyBuffer>())
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmAclnnDevice, jax_wqmm::DeviceImpl,
-                              WQMM_BIND_ATTRS(ffi::Ffi::Bind()
-                                                  .Ctx<ffi::PlatformStream<void*>>()
-                                                  .Ctx<ffi::ScratchAllocator>()
-                                                  .Ctx<ffi::DeviceOrdinal>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .RemainingArgs()
-                                                  .Ret<ffi::AnyBuffer>()));
+                              WQMM_BIND_OPERANDS(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::PlatformStream<void*>>()
+                                                     .Ctx<ffi::ScratchAllocator>()
+                                                     .Ctx<ffi::DeviceOrdinal>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmAclnnHost, jax_wqmm::HostImpl,
-                              WQMM_BIND_ATTRS(ffi::Ffi::Bind()
-                                                  .Ctx<ffi::DeviceOrdinal>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .RemainingArgs()
-                                                  .Ret<ffi::AnyBuffer>()));
+                              WQMM_BIND_OPERANDS(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmNoop, jax_wqmm::NoopImpl,
-                              WQMM_BIND_ATTRS(ffi::Ffi::Bind()
-                                                  .Ctx<ffi::DeviceOrdinal>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .Arg<ffi::AnyBuffer>()
-                                                  .RemainingArgs()
-                                                  .Ret<ffi::AnyBuffer>()));
+                              WQMM_BIND_OPERANDS(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));

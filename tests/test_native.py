@@ -243,3 +243,25 @@ def test_selftest_command_passes_on_the_emulator():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "EMULATOR" in out.stdout and "nothing ran on Ascend hardware" in out.stdout
     assert " 0 failed" in out.stdout
+
+
+def test_missing_rank_times_out_with_an_error_not_a_hang(emu):
+    """A 4-rank communicator used by a 2-device mesh: ranks 2 and 3 never arrive."""
+    ext = native.extension()
+    four = ext.hccl_comm_init_all([0, 1, 2, 3])
+    devices = jax.devices()[:2]
+    for d in devices:
+        hccl.register_group("tp_short", d, four[0][1])
+    mesh = Mesh(np.array(devices), ("tp_short",))
+    case = make_case(np.random.default_rng(47), k=2 * 32, n=16)
+    fn, args = _run(mesh, case, None, (P(None, "tp_short"), P("tp_short", None), P()), axis_name="tp_short")
+    old = emu.timeout_ms
+    emu.set_timeout_ms(300)
+    try:
+        with pytest.raises(jax.errors.JaxRuntimeError, match=r"timed out after 300 ms.*never arrived: 2 3"):
+            fn(*args).block_until_ready()
+    finally:
+        emu.set_timeout_ms(old)
+        for h, _ in four:
+            ext.hccl_comm_destroy(h)
+    assert emu.live_tensors() == 0 and emu.live_executors() == 0

@@ -7,7 +7,8 @@
 from .spec import ConstraintError, WqmmSpec, make_spec
 from .quantize import QuantizedWeight, quantize_weight, dequantize_weight
 from .ops import weight_quant_matmul_all_reduce, quant_matmul
-from . import formats, reference
+from . import formats, layers, reference
+from .layers import column_parallel_linear, row_parallel_linear
 from .formats import (
     to_fractal_nz,
     from_fractal_nz,
@@ -28,7 +29,10 @@ __all__ = [
     "ConstraintError",
     "WqmmSpec",
     "make_spec",
+    "column_parallel_linear",
+    "row_parallel_linear",
     "formats",
+    "layers",
     "reference",
     "to_fractal_nz",
     "from_fractal_nz",

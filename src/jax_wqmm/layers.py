@@ -1,0 +1,108 @@
+"""Megatron-style tensor-parallel linear layers over the fused operator (inside shard_map).
+
+- :func:`column_parallel_linear`: x is replicated over the tensor-parallel axis, each rank holds
+  a slice of the weight's output columns; no reduction. Output: the rank's columns.
+- :func:`row_parallel_linear`: each rank holds a slice of the input features (x's last dim and
+  the weight's rows); the partial products are summed over the axis by the fused operator.
+  Its bias and residual are added **once**: the operator adds bias and x3 on every rank before
+  the sum, so they are passed on the axis' first rank only (zeros elsewhere).
+
+:func:`column_parallel_specs` / :func:`row_parallel_specs` give the ``PartitionSpec`` pytree of
+a :class:`~jax_wqmm.QuantizedWeight` for ``shard_map``'s ``in_specs``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from .ops import quant_matmul
+from .quantize import QuantizedWeight
+from .spec import normalize_axis_name
+
+__all__ = ["column_parallel_linear", "row_parallel_linear", "column_parallel_specs",
+           "row_parallel_specs"]
+
+
+def column_parallel_linear(x: jax.Array, qw: QuantizedWeight, *, bias: jax.Array | None = None) -> jax.Array:
+    """``x @ W[:, cols] + bias[cols]`` for this rank's columns; no communication.
+
+    Args:
+      x: (m, k) or (b, s, k), float16 / bfloat16, the same on every rank.
+      qw: this rank's (k, n / tp) columns of the weight.
+      bias: optional (n / tp,), this rank's slice.
+
+    Returns:
+      x.shape[:-1] + (n / tp,) in x's dtype.
+    """
+    return quant_matmul(x, qw, bias=bias)
+
+
+def _first_rank(axes: tuple[str, ...]) -> jax.Array:
+    idx = [lax.axis_index(a) for a in axes]
+    first = idx[0] == 0
+    for i in idx[1:]:
+        first = first & (i == 0)
+    return first
+
+
+def row_parallel_linear(
+    x: jax.Array,
+    qw: QuantizedWeight,
+    *,
+    axis_name: str | Sequence[str] = "tp",
+    bias: jax.Array | None = None,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+    """``sum over ranks of x_r @ W[rows_r, :]`` + bias + residual, with one fused call.
+
+    Args:
+      x: (m, k / tp) or (b, s, k / tp), this rank's input features.
+      qw: this rank's (k / tp, n) rows of the weight (per-group scales: its groups).
+      axis_name: the tensor-parallel mesh axis (or axes) to sum over.
+      bias: optional (n,), the same on every rank; added once.
+      residual: optional, the output's shape and x's dtype, the same on every rank; added once
+        (fused into the operator's x3).
+
+    Returns:
+      x.shape[:-1] + (n,) in x's dtype, invariant over ``axis_name``.
+    """
+    axes = normalize_axis_name(axis_name)
+    first = _first_rank(axes)
+    once = lambda t: None if t is None else jnp.where(first, t, jnp.zeros_like(t))
+    return quant_matmul(x, qw, bias=once(bias), x3=once(residual), axis_name=axes)
+
+
+def _specs(qw: QuantizedWeight, data: P, channel: P, group: P) -> QuantizedWeight:
+    per = {"per_tensor": P(), "per_channel": channel, "per_group": group}
+    granularity = ("per_group" if qw.group_size else
+                   "per_tensor" if qw.scale.size == 1 else "per_channel")
+    q = per[granularity]
+    return QuantizedWeight(data=data, scale=q, offset=None if qw.offset is None else q,
+                           dtype=qw.dtype, group_size=qw.group_size, shape=qw.shape,
+                           transpose=qw.transpose, format=qw.format)
+
+
+def column_parallel_specs(qw: QuantizedWeight, axis_name: str = "tp") -> QuantizedWeight:
+    """PartitionSpecs that split a ND, untransposed weight's columns (n) over ``axis_name``."""
+    _check_plain(qw)
+    channel = P(axis_name) if qw.scale.ndim == 1 else P(None, axis_name)
+    return _specs(qw, P(None, axis_name), channel, P(None, axis_name))
+
+
+def row_parallel_specs(qw: QuantizedWeight, axis_name: str = "tp") -> QuantizedWeight:
+    """PartitionSpecs that split a ND, untransposed weight's rows (k) over ``axis_name``
+    (per-group scales split with their groups: k / tp must be a multiple of the group size)."""
+    _check_plain(qw)
+    return _specs(qw, P(axis_name, None), P(), P(axis_name, None))
+
+
+def _check_plain(qw: QuantizedWeight) -> None:
+    if qw.format != "ND" or qw.transpose:
+        raise NotImplementedError(
+            "tensor-parallel specs for transposed or FRACTAL_NZ weights: shard the ND weight, "
+            "then convert each shard with QuantizedWeight.with_layout inside shard_map")

@@ -1,0 +1,125 @@
+"""Tensor-parallel layers, the example decoder layer, and the same layer across processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_wqmm as wq
+from jax_wqmm import layers
+import oracle
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import llama_tp as ex  # noqa: E402
+
+
+def _put(mesh, tree, specs):
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, specs)
+
+
+def test_row_parallel_adds_bias_and_residual_once():
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    rng = np.random.default_rng(50)
+    k, n = 8 * 64, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    qw = wq.quantize_weight(w, dtype="int4", granularity="per_group", group_size=32, symmetric=False,
+                            scale_dtype=jnp.float16)
+    x = rng.standard_normal((3, k)).astype(np.float16)
+    bias = rng.standard_normal((n,)).astype(np.float16)
+    res = rng.standard_normal((3, n)).astype(np.float16)
+    specs = (P(None, "tp"), layers.row_parallel_specs(qw), P(), P())
+    f = jax.jit(jax.shard_map(lambda x, q, b, r: layers.row_parallel_linear(x, q, bias=b, residual=r),
+                              mesh=mesh, in_specs=specs, out_specs=P()))
+    y = f(*_put(mesh, (jnp.asarray(x), qw, jnp.asarray(bias), jnp.asarray(res)), specs))
+    rank = dict(x1=x, codes=np.asarray(qw.data), scale=np.asarray(qw.scale), offset=np.asarray(qw.offset),
+                bias=bias, x3=res)
+    expected, mag = oracle.wqmm([rank], 32, "int4")  # bias and residual counted once
+    oracle.assert_close(y, expected, mag, "float16", ranks=8)
+
+
+def test_column_parallel_gives_each_rank_its_columns():
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    rng = np.random.default_rng(51)
+    k, n = 64, 8 * 16
+    qw = wq.quantize_weight(rng.standard_normal((k, n)).astype(np.float32), dtype="int8",
+                            scale_dtype=jnp.bfloat16)
+    x = rng.standard_normal((2, 5, k)).astype(jnp.bfloat16)
+    bias = rng.standard_normal((n,)).astype(jnp.bfloat16)
+    specs = (P(), layers.column_parallel_specs(qw), P("tp"))
+    f = jax.jit(jax.shard_map(lambda x, q, b: layers.column_parallel_linear(x, q, bias=b),
+                              mesh=mesh, in_specs=specs, out_specs=P(None, None, "tp")))
+    y = f(*_put(mesh, (jnp.asarray(x), qw, jnp.asarray(bias)), specs))
+    rank = dict(x1=x, codes=np.asarray(qw.data), scale=np.asarray(qw.scale), bias=bias)
+    expected, mag = oracle.wqmm([rank], 0, "int8")
+    oracle.assert_close(y, expected, mag, "bfloat16")
+
+
+def test_specs_reject_nz_weights():
+    qw = wq.quantize_weight(jnp.ones((64, 64)), dtype="int8").with_layout(format="FRACTAL_NZ")
+    with pytest.raises(NotImplementedError, match="FRACTAL_NZ"):
+        layers.row_parallel_specs(qw)
+
+
+@pytest.mark.parametrize("mode,tp", [("int8", 8), ("int4", 2)])
+def test_example_layer_matches_unsharded_model(mode, tp):
+    """The tensor-parallel layer equals the unsharded float32 model on the same dequantized
+    weights, up to bf16 rounding (a bias or residual added tp times would be far off)."""
+    cfg = ex.Config(hidden=512, heads=8, intermediate=1024, batch=1, seq=8)
+    mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
+    p = ex.init_params(jax.random.key(0), cfg)
+    q = ex.quantize_params(p, mode)
+    step, qs = ex.make_step(mesh, cfg, q)
+    x = ex.inputs(cfg)
+    y = np.asarray(step(qs, jax.device_put(jnp.asarray(x, jnp.bfloat16), NamedSharding(mesh, P()))), np.float64)
+    p_hat = dict(p, **{n: wq.dequantize_weight(q[n]) for n in ex.COLUMN + ex.ROW})
+    want = np.asarray(ex.decoder_layer_f32(p_hat, jnp.asarray(x), cfg), np.float64)
+    update = np.linalg.norm(want - x)
+    assert np.linalg.norm(y - want) / update < 0.03
+    # the failure this guards against, the row-parallel bias counted tp times, is well outside
+    wrong = want + (tp - 1) * np.asarray(p["b_down"], np.float64)
+    assert np.linalg.norm(wrong - want) / update > 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    worker = Path(__file__).with_name("distributed_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(tmp_path / f"y{i}.npy"),
+                               str(EXAMPLES)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    # the single-process run: 8 local devices, same mesh shape and data
+    cfg = ex.Config(hidden=256, heads=8, intermediate=512, batch=1, seq=8)
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    step, qs = ex.make_step(mesh, cfg, ex.quantize_params(ex.init_params(jax.random.key(0), cfg), "int8"))
+    x = ex.inputs(cfg)
+    y = np.asarray(step(qs, jax.device_put(jnp.asarray(x, jnp.bfloat16), NamedSharding(mesh, P()))), np.float32)
+    for i in range(2):
+        got = np.load(tmp_path / f"y{i}.npy")
+        np.testing.assert_allclose(got, y, rtol=2e-2, atol=2e-2 * np.abs(y).max())

@@ -54,18 +54,16 @@ void* OpenRole(const std::string& name, const std::vector<std::string>& dirs,
 
 }  // namespace
 
-void CannLibrary::CloseLocked() {
-  for (void* h : handles_) dlclose(h);
-  handles_.clear();
-  paths_.clear();
-  api_ = CannApi();
-  loaded_ = false;
+LoadedCann::~LoadedCann() {
+  for (void* h : handles) dlclose(h);
 }
 
 std::string CannLibrary::Load(const std::vector<std::string>& dirs,
                               const std::map<std::string, std::string>& names) {
   std::lock_guard<std::mutex> lock(mu_);
-  CloseLocked();
+  current_.reset();
+  auto lib = std::make_shared<LoadedCann>();
+  CannApi& api = lib->api;
 
   std::map<std::string, void*> by_role;
   std::ostringstream report;
@@ -85,24 +83,24 @@ std::string CannLibrary::Load(const std::vector<std::string>& dirs,
       ok = false;
       continue;
     }
-    handles_.push_back(h);
+    lib->handles.push_back(h);
     by_role[role] = h;
-    paths_[role] = path;
+    lib->paths[role] = path;
   }
 
   const Symbol symbols[] = {
-      {"nnopbase", "aclCreateTensor", reinterpret_cast<void**>(&api_.aclCreateTensor), true},
-      {"nnopbase", "aclDestroyTensor", reinterpret_cast<void**>(&api_.aclDestroyTensor), true},
+      {"nnopbase", "aclCreateTensor", reinterpret_cast<void**>(&api.aclCreateTensor), true},
+      {"nnopbase", "aclDestroyTensor", reinterpret_cast<void**>(&api.aclDestroyTensor), true},
       {"opapi", "aclnnWeightQuantMatmulAllReduceGetWorkspaceSize",
-       reinterpret_cast<void**>(&api_.GetWorkspaceSize), true},
-      {"opapi", "aclnnWeightQuantMatmulAllReduce", reinterpret_cast<void**>(&api_.Run), true},
-      {"ascendcl", "aclGetRecentErrMsg", reinterpret_cast<void**>(&api_.aclGetRecentErrMsg), false},
-      {"ascendcl", "aclrtSetDevice", reinterpret_cast<void**>(&api_.aclrtSetDevice), false},
-      {"hccl", "HcclGetCommName", reinterpret_cast<void**>(&api_.HcclGetCommName), true},
-      {"hccl", "HcclCommInitAll", reinterpret_cast<void**>(&api_.HcclCommInitAll), true},
-      {"hccl", "HcclGetRootInfo", reinterpret_cast<void**>(&api_.HcclGetRootInfo), true},
-      {"hccl", "HcclCommInitRootInfo", reinterpret_cast<void**>(&api_.HcclCommInitRootInfo), true},
-      {"hccl", "HcclCommDestroy", reinterpret_cast<void**>(&api_.HcclCommDestroy), true},
+       reinterpret_cast<void**>(&api.GetWorkspaceSize), true},
+      {"opapi", "aclnnWeightQuantMatmulAllReduce", reinterpret_cast<void**>(&api.Run), true},
+      {"ascendcl", "aclGetRecentErrMsg", reinterpret_cast<void**>(&api.aclGetRecentErrMsg), false},
+      {"ascendcl", "aclrtSetDevice", reinterpret_cast<void**>(&api.aclrtSetDevice), false},
+      {"hccl", "HcclGetCommName", reinterpret_cast<void**>(&api.HcclGetCommName), true},
+      {"hccl", "HcclCommInitAll", reinterpret_cast<void**>(&api.HcclCommInitAll), true},
+      {"hccl", "HcclGetRootInfo", reinterpret_cast<void**>(&api.HcclGetRootInfo), true},
+      {"hccl", "HcclCommInitRootInfo", reinterpret_cast<void**>(&api.HcclCommInitRootInfo), true},
+      {"hccl", "HcclCommDestroy", reinterpret_cast<void**>(&api.HcclCommDestroy), true},
   };
   for (const auto& s : symbols) {
     auto it = by_role.find(s.role);
@@ -110,34 +108,33 @@ std::string CannLibrary::Load(const std::vector<std::string>& dirs,
     dlerror();
     *s.slot = dlsym(it->second, s.name);
     if (*s.slot == nullptr && s.required) {
-      report << "  missing symbol " << s.name << " in " << paths_[s.role] << " (" << s.role
+      report << "  missing symbol " << s.name << " in " << lib->paths[s.role] << " (" << s.role
              << ")\n";
       ok = false;
     }
   }
   if (!ok) {
-    CloseLocked();
     report_ = report.str();
-    return report_;
+    return report_;  // ``lib`` closes what it opened
   }
-  loaded_ = true;
+  current_ = std::move(lib);
   report_.clear();
   return "";
 }
 
 void CannLibrary::Unload() {
   std::lock_guard<std::mutex> lock(mu_);
-  CloseLocked();
+  current_.reset();
+}
+
+std::shared_ptr<const LoadedCann> CannLibrary::Current() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return current_;
 }
 
 std::string CannLibrary::report() const {
   std::lock_guard<std::mutex> lock(mu_);
   return report_;
-}
-
-std::map<std::string, std::string> CannLibrary::loaded_paths() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return paths_;
 }
 
 }  // namespace jax_wqmm

@@ -4,6 +4,7 @@
 #define JAX_WQMM_CANN_LIBRARY_H_
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -40,6 +41,15 @@ inline const std::vector<std::string>& LibraryRoles() {
   return roles;
 }
 
+// One successful load: the symbol table and the library handles it came from. Immutable once
+// published; the handles are closed when the last user (a running handler) lets go.
+struct LoadedCann {
+  CannApi api;
+  std::vector<void*> handles;
+  std::map<std::string, std::string> paths;  // role -> path actually loaded
+  ~LoadedCann();
+};
+
 class CannLibrary {
  public:
   static CannLibrary& Get();
@@ -47,24 +57,19 @@ class CannLibrary {
   // (Re)loads every library: for each role, ``names[role]`` (a file name, or a path if it
   // contains '/') is tried in each of ``dirs`` and then on the loader's default path.
   // Returns "" on success, else a report of every path tried and every symbol missing.
+  // A handler still running with the previous load keeps it alive until it returns.
   std::string Load(const std::vector<std::string>& dirs,
                    const std::map<std::string, std::string>& names);
   void Unload();
 
-  // The loaded API, or null if nothing is loaded.
-  const CannApi* api() const { return loaded_ ? &api_ : nullptr; }
+  // The current load, or null if nothing is loaded. Hold it for the whole call.
+  std::shared_ptr<const LoadedCann> Current() const;
   // The last failure report ("" after a successful load or before any attempt).
   std::string report() const;
-  // role -> path actually loaded.
-  std::map<std::string, std::string> loaded_paths() const;
 
  private:
-  void CloseLocked();  // requires mu_
   mutable std::mutex mu_;
-  bool loaded_ = false;
-  CannApi api_;
-  std::vector<void*> handles_;
-  std::map<std::string, std::string> paths_;
+  std::shared_ptr<const LoadedCann> current_;
   std::string report_;
 };
 

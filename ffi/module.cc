@@ -12,6 +12,8 @@
 #include <string>
 
 #include "cann_library.h"
+#include "cpu_handler.h"
+#include "cpu_kernel.h"
 #include "wqmm_handler.h"
 
 namespace nb = nanobind;
@@ -27,17 +29,21 @@ nb::capsule EncapsulateFfiHandler(T* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
 
+// The current load, kept alive by a static copy for the module's HCCL calls (their
+// communicators belong to it).
 const CannApi& RequireApi() {
-  const CannApi* api = CannLibrary::Get().api();
-  if (api == nullptr) {
+  static std::shared_ptr<const jax_wqmm::LoadedCann> keep;
+  auto lib = CannLibrary::Get().Current();
+  if (lib == nullptr) {
     throw std::runtime_error("the CANN libraries are not loaded:\n" + CannLibrary::Get().report());
   }
-  return *api;
+  keep = lib;
+  return lib->api;
 }
 
 void CheckHccl(int result, const char* call) {
   if (result != HCCL_SUCCESS) {
-    std::string detail = CannLibrary::Get().api() ? RequireApi().RecentErrorMessage() : "";
+    std::string detail = CannLibrary::Get().Current() ? RequireApi().RecentErrorMessage() : "";
     throw std::runtime_error(std::string(call) + " returned " + std::to_string(result) +
                              (detail.empty() ? "" : ": " + detail));
   }
@@ -59,8 +65,13 @@ NB_MODULE(_wqmm_ffi, m) {
     d["wqmm_aclnn_device"] = EncapsulateFfiHandler(WqmmAclnnDevice);
     d["wqmm_aclnn_host"] = EncapsulateFfiHandler(WqmmAclnnHost);
     d["wqmm_noop"] = EncapsulateFfiHandler(WqmmNoop);
+    d["wqmm_cpu_matmul"] = EncapsulateFfiHandler(WqmmCpuMatmul);
+    d["wqmm_cpu_dequantize"] = EncapsulateFfiHandler(WqmmCpuDequantize);
     return d;
   });
+
+  m.def("cpu_isa", &jax_wqmm::cpu::Isa,
+        "The instruction set the CPU kernels dispatch to: avx512, avx2 or portable.");
 
   // ------------------------------------------------------------------ loader
   m.def("load_cann", [](const std::vector<std::string>& dirs,
@@ -69,8 +80,11 @@ NB_MODULE(_wqmm_ffi, m) {
   }, nb::arg("dirs"), nb::arg("names"),
      "Loads the CANN libraries; returns '' or a report of every path and symbol that failed.");
   m.def("unload_cann", []() { CannLibrary::Get().Unload(); });
-  m.def("cann_loaded", []() { return CannLibrary::Get().api() != nullptr; });
-  m.def("cann_paths", []() { return CannLibrary::Get().loaded_paths(); });
+  m.def("cann_loaded", []() { return CannLibrary::Get().Current() != nullptr; });
+  m.def("cann_paths", []() {
+    auto lib = CannLibrary::Get().Current();
+    return lib ? lib->paths : std::map<std::string, std::string>();
+  });
   m.def("library_roles", []() { return jax_wqmm::LibraryRoles(); });
 
   // ------------------------------------------------------------------ group registry

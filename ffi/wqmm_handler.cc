@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cann_library.h"
+#include "wqmm_attrs.h"
 
 namespace ffi = xla::ffi;
 
@@ -145,25 +146,19 @@ ffi::Error StageError(const CannApi& api, const char* stage, aclnnStatus status)
   return ffi::Error::Internal(msg.str());
 }
 
-struct Attrs {
-  std::string_view axis;
-  int64_t group_size, k, n, comm_turn, stream_mode;
-  bool transpose_x2, has_offset, has_bias, has_x3;
-  int32_t x2_format, x2_dtype;
-  std::string_view reduce_op;
-};
-
 // Allocates the workspace; returns null with an error on failure.
 using WorkspaceFn = void* (*)(void* ctx, uint64_t bytes);
 
 ffi::Error Run(void* stream, WorkspaceFn workspace, void* workspace_ctx, int32_t device,
                ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
                ffi::Result<ffi::AnyBuffer> out, const Attrs& a) {
-  const CannApi* api = CannLibrary::Get().api();
-  if (api == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, 
-        "jax_wqmm: the CANN libraries are not loaded:\n" + CannLibrary::Get().report());
+  // Held for the whole call: a reload meanwhile cannot unload what this call uses.
+  const std::shared_ptr<const LoadedCann> lib = CannLibrary::Get().Current();
+  if (lib == nullptr) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "jax_wqmm: the CANN libraries are not loaded:\n" + CannLibrary::Get().report());
   }
+  const CannApi* api = &lib->api;
   auto group = LookupGroup(a.axis, device);
   if (!group) {
     return ffi::Error::InvalidArgument(
@@ -252,16 +247,6 @@ void* HostWorkspace(void* ctx, uint64_t bytes) {
   return v->data();
 }
 
-#define WQMM_ATTR_PARAMS                                                                        \
-  std::string_view axis, int64_t group_size, bool transpose_x2, int32_t x2_format,               \
-      int32_t x2_dtype, bool has_offset, bool has_bias, bool has_x3, int64_t k, int64_t n,        \
-      std::string_view reduce_op, int64_t comm_turn, int64_t stream_mode
-#define WQMM_ATTRS                                                                           \
-  Attrs {                                                                                     \
-    axis, group_size, k, n, comm_turn, stream_mode, transpose_x2, has_offset, has_bias, has_x3, \
-        x2_format, x2_dtype, reduce_op                                                        \
-  }
-
 ffi::Error DeviceImpl(void* stream, ffi::ScratchAllocator scratch, int32_t device,
                       ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                       ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
@@ -270,7 +255,8 @@ ffi::Error DeviceImpl(void* stream, ffi::ScratchAllocator scratch, int32_t devic
 
 ffi::Error HostImpl(int32_t device, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                     ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
-  const CannApi* api = CannLibrary::Get().api();
+  const std::shared_ptr<const LoadedCann> lib = CannLibrary::Get().Current();
+  const CannApi* api = lib ? &lib->api : nullptr;
   if (api != nullptr && api->aclrtSetDevice != nullptr) {
     aclError e = api->aclrtSetDevice(device);
     if (e != 0) {
@@ -289,29 +275,6 @@ ffi::Error NoopImpl(int32_t, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi
 
 }  // namespace
 }  // namespace jax_wqmm
-
-#define WQMM_BIND_ATTRS(binding)                                                          \
-  binding.Attr<std::string_view>("axis")                                                  \
-      .Attr<int64_t>("antiquant_group_size")                                             \
-      .Attr<bool>("transpose_x2")                                                         \
-      .Attr<int32_t>("x2_format")                                                         \
-      .Attr<int32_t>("x2_dtype")                                                          \
-      .Attr<bool>("has_offset")                                                           \
-      .Attr<bool>("has_bias")                                                             \
-      .Attr<bool>("has_x3")                                                               \
-      .Attr<int64_t>("k")                                                                 \
-      .Attr<int64_t>("n")                                                                 \
-      .Attr<std::string_view>("reduce_op")                                                \
-      .Attr<int64_t>("comm_turn")                                                         \
-      .Attr<int64_t>("stream_mode")
-
-// The operands and attributes every binding shares, after its context.
-#define WQMM_BIND_OPERANDS(binding)                                                           \
-  WQMM_BIND_ATTRS(binding.Arg<ffi::AnyBuffer>()                                               \
-                      .Arg<ffi::AnyBuffer>()                                                  \
-                      .Arg<ffi::AnyBuffer>()                                                  \
-                      .RemainingArgs()                                                        \
-                      .Ret<ffi::AnyBuffer>())
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmAclnnDevice, jax_wqmm::DeviceImpl,
                               WQMM_BIND_OPERANDS(ffi::Ffi::Bind()

@@ -27,7 +27,7 @@ from test_shard_map import _nz_per_rank, _rank_slices, _weight_spec
 def emu():
     emulator = wqt.use_emulator()
     yield emulator
-    wqt.use_reference()
+    wqt.use_default()
     wqt.destroy_groups()
 
 

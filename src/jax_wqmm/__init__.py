@@ -20,6 +20,12 @@ from .formats import (
 
 __version__ = "0.1.0"
 
+# The native CPU kernel is the default CPU lowering when the extension is built; importing
+# never fails without it (the jnp reference then stays the CPU lowering).
+from . import cpu_kernel as _cpu_kernel
+
+_cpu_kernel.register()
+
 __all__ = [
     "weight_quant_matmul_all_reduce",
     "quant_matmul",

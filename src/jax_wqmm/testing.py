@@ -9,7 +9,7 @@ primitive on the CPU platform through the native FFI handler instead of the jnp 
     emu = wqt.use_emulator()
     wqt.create_groups(mesh, "tp")        # HCCL communicators (emulated) per tp group
     ...jit(shard_map(...))...            # one custom call per device, no XLA all-reduce
-    wqt.use_reference()                  # back to the default CPU lowering
+    wqt.use_default()                    # back to the default CPU lowering
 
 This is an emulation of the ABI: it says nothing about CANN's own numerics or performance.
 """
@@ -28,7 +28,7 @@ from . import hccl, native
 from .hccl import create_groups, destroy_groups  # re-exported for convenience
 
 __all__ = ["Emulator", "emulator_library_path", "use_emulator", "use_reference", "emulated_npu",
-           "create_groups", "destroy_groups", "HOST_TARGET", "NOOP_TARGET"]
+           "use_default", "create_groups", "destroy_groups", "HOST_TARGET", "NOOP_TARGET"]
 
 HOST_TARGET = "wqmm_aclnn_host"
 NOOP_TARGET = "wqmm_noop"
@@ -100,10 +100,19 @@ def use_emulator(platform: str = "cpu") -> Emulator:
 
 
 def use_reference(platform: str = "cpu") -> None:
-    """Restores the jnp reference lowering on ``platform``."""
-    from .primitive import wqmm_p
+    """Lowers the op on ``platform`` with the jnp reference (the oracle)."""
+    from . import cpu_kernel
 
-    mlir.register_lowering(wqmm_p, native._reference_rule(), platform=platform)
+    cpu_kernel.unregister(platform)
+
+
+def use_default(platform: str = "cpu") -> None:
+    """Restores the default lowering on ``platform``: the CPU kernel where the extension is
+    built, else the jnp reference."""
+    from . import cpu_kernel
+
+    if not cpu_kernel.register(platform):
+        cpu_kernel.unregister(platform)
 
 
 @contextlib.contextmanager
@@ -113,4 +122,4 @@ def emulated_npu(platform: str = "cpu"):
     try:
         yield emu
     finally:
-        use_reference(platform)
+        use_default(platform)

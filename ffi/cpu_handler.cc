@@ -1,0 +1,104 @@
+// XLA FFI handlers of the CPU kernels (cpu_kernel.h): the operator's local part (the all-reduce
+// stays an XLA psum on CPU) and the dequantize-only kernel used for large m.
+#include "cpu_handler.h"
+
+#include <string>
+
+#include "cpu_kernel.h"
+#include "wqmm_attrs.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_wqmm {
+namespace {
+
+ffi::ErrorOr<cpu::Float> FloatType(ffi::AnyBuffer b, const char* what) {
+  switch (b.element_type()) {
+    case ffi::DataType::BF16: return cpu::Float::kBF16;
+    case ffi::DataType::F16: return cpu::Float::kF16;
+    case ffi::DataType::F32: return cpu::Float::kF32;
+    default:
+      return ffi::Unexpected(ffi::Error::InvalidArgument(std::string(what) + ": unsupported dtype"));
+  }
+}
+
+// The weight-side fields of a problem: x2 (int8 / packed int4), scale, optional offset.
+ffi::Error FillWeight(cpu::Problem& p, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
+                      const ffi::AnyBuffer* offset, const Attrs& a) {
+  auto act = FloatType(scale, "antiquant_scale");
+  if (act.has_error()) return act.error();
+  p.act = *act;
+  p.k = a.k;
+  p.n = a.n;
+  if (x2.element_type() == ffi::DataType::S8) p.int4 = false;
+  else if (x2.element_type() == ffi::DataType::S4) p.int4 = true;
+  else return ffi::Error::InvalidArgument("x2: the CPU kernel takes int8 or int4 weights");
+  p.x2 = static_cast<const uint8_t*>(x2.untyped_data());
+  p.transposed = a.transpose_x2;
+  p.scale = scale.untyped_data();
+  p.scale_count = static_cast<int64_t>(scale.element_count());
+  p.group_size = a.group_size;
+  p.offset = offset ? offset->untyped_data() : nullptr;
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
+                      ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
+  const Attrs a = WQMM_ATTRS;
+  size_t i = 0;
+  std::optional<ffi::AnyBuffer> offset, bias, x3;
+  for (auto [present, slot] : {std::pair{a.has_offset, &offset}, std::pair{a.has_bias, &bias},
+                               std::pair{a.has_x3, &x3}}) {
+    if (!present) continue;
+    auto b = rest.get<ffi::AnyBuffer>(i++);
+    if (b.has_error()) return b.error();
+    *slot = *b;
+  }
+  cpu::Problem p;
+  if (auto e = FillWeight(p, x2, scale, offset ? &*offset : nullptr, a); e.failure()) return e;
+  p.x1 = x1.untyped_data();
+  p.m = static_cast<int64_t>(x1.element_count()) / a.k;
+  if (bias) {
+    auto t = FloatType(*bias, "bias");
+    if (t.has_error()) return t.error();
+    p.bias = bias->untyped_data();
+    p.bias_dtype = *t;
+  }
+  if (x3) {
+    auto t = FloatType(*x3, "x3");
+    if (t.has_error()) return t.error();
+    p.x3 = x3->untyped_data();
+    p.x3_dtype = *t;
+  }
+  p.out = out->untyped_data();
+  cpu::Matmul(p);
+  return ffi::Error::Success();
+}
+
+ffi::Error DequantizeImpl(ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
+                          ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
+  const Attrs a = WQMM_ATTRS;
+  std::optional<ffi::AnyBuffer> offset;
+  if (a.has_offset) {
+    auto b = rest.get<ffi::AnyBuffer>(0);
+    if (b.has_error()) return b.error();
+    offset = *b;
+  }
+  cpu::Problem p;
+  if (auto e = FillWeight(p, x2, scale, offset ? &*offset : nullptr, a); e.failure()) return e;
+  p.out = out->untyped_data();
+  cpu::Dequantize(p);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_wqmm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmCpuMatmul, jax_wqmm::MatmulImpl, WQMM_BIND_OPERANDS(ffi::Ffi::Bind()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmCpuDequantize, jax_wqmm::DequantizeImpl,
+                              WQMM_BIND_ATTRS(ffi::Ffi::Bind()
+                                                  .Arg<ffi::AnyBuffer>()
+                                                  .Arg<ffi::AnyBuffer>()
+                                                  .RemainingArgs()
+                                                  .Ret<ffi::AnyBuffer>()));

@@ -1,0 +1,526 @@
+#include "cpu_kernel.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace jax_wqmm::cpu {
+namespace {
+
+#define WQMM_INLINE inline __attribute__((always_inline))
+
+WQMM_INLINE float Bf16ToF32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+WQMM_INLINE uint16_t F32ToBf16(float f) {  // round to nearest even (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+WQMM_INLINE float F16ToF32(uint16_t h) {
+  uint32_t s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+  if (e == 0) {
+    if (m == 0) {
+      u = s;
+    } else {  // subnormal: normalize
+      e = 127 - 15 + 1;
+      while ((m & 0x400u) == 0) { m <<= 1; --e; }
+      u = s | (e << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else if (e == 31) {
+    u = s | 0x7f800000u | (m << 13);
+  } else {
+    u = s | ((e + 127 - 15) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+WQMM_INLINE uint16_t F32ToF16(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(s | 0x7e00u);
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(s | 0x7c00u);  // >= 65520: inf
+  if (a < 0x38800000u) {                                            // subnormal or zero
+    float v;
+    std::memcpy(&v, &a, 4);
+    float q = v * 16777216.0f;  // 2^24: exact scaling, then round to an integer
+    uint32_t r = static_cast<uint32_t>(__builtin_nearbyintf(q));
+    return static_cast<uint16_t>(s | r);
+  }
+  uint32_t e = (a >> 23) - 127 + 15, mant = a & 0x7fffffu;
+  uint32_t h = (e << 10) | (mant >> 13);
+  uint32_t rest = mant & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(s | h);
+}
+
+WQMM_INLINE float Load(const void* p, Float t, int64_t i) {
+  switch (t) {
+    case Float::kBF16: return Bf16ToF32(static_cast<const uint16_t*>(p)[i]);
+    case Float::kF16: return F16ToF32(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+WQMM_INLINE void Store(void* p, Float t, int64_t i, float v) {
+  if (t == Float::kBF16) static_cast<uint16_t*>(p)[i] = F32ToBf16(v);
+  else if (t == Float::kF16) static_cast<uint16_t*>(p)[i] = F32ToF16(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+void ToF32(const void* p, Float t, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = Load(p, t, i);
+}
+
+// Scale and offset of one row (k index) of the weight, as float rows over [0, n) or scalars.
+struct QuantParams {
+  std::vector<float> scale, offset;  // (groups, n) / (1, n) / (1,) as float
+  bool per_tensor = false;
+  int64_t group = 0, n = 0;
+  const float* scale_row(int64_t kk) const { return scale.data() + (group ? (kk / group) * n : 0); }
+  const float* offset_row(int64_t kk) const {
+    return offset.empty() ? nullptr : offset.data() + (group ? (kk / group) * n : 0);
+  }
+};
+
+QuantParams MakeQuantParams(const Problem& p) {
+  QuantParams q;
+  q.group = p.group_size;
+  q.n = p.n;
+  q.per_tensor = p.group_size == 0 && p.scale_count == 1;
+  int64_t count = p.scale_count;
+  q.scale.resize(count);
+  ToF32(p.scale, p.act, count, q.scale.data());
+  if (p.offset) {
+    q.offset.resize(count);
+    ToF32(p.offset, p.act, count, q.offset.data());
+  }
+  if (q.per_tensor) {  // broadcast to a row so every path is per-channel-shaped
+    q.scale.assign(p.n, q.scale[0]);
+    if (p.offset) q.offset.assign(p.n, q.offset[0]);
+  }
+  return q;
+}
+
+// Dequantizes W[kk, j0:j1) (ND storage) into buf[0:j1-j0).
+template <bool kInt4, bool kOffset>
+WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk, int64_t j0,
+                              int64_t j1, float* __restrict buf) {
+  const float* __restrict s = q.scale_row(kk) + j0;
+  const float* __restrict o = kOffset ? q.offset_row(kk) + j0 : nullptr;
+  const int64_t len = j1 - j0;
+  if constexpr (!kInt4) {
+    const int8_t* __restrict w = reinterpret_cast<const int8_t*>(p.x2) + kk * p.n + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      float v = static_cast<float>(w[j]);
+      if constexpr (kOffset) v += o[j];
+      buf[j] = v * s[j];
+    }
+  } else {
+    const int64_t e0 = kk * p.n + j0;
+    if ((e0 & 1) == 0) {
+      const uint8_t* __restrict w = p.x2 + (e0 >> 1);
+      const int64_t pairs = len / 2;
+#pragma omp simd
+      for (int64_t i = 0; i < pairs; ++i) {
+        int8_t b = static_cast<int8_t>(w[i]);
+        float lo = static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
+        float hi = static_cast<float>(static_cast<int8_t>(b >> 4));
+        if constexpr (kOffset) {
+          lo += o[2 * i];
+          hi += o[2 * i + 1];
+        }
+        buf[2 * i] = lo * s[2 * i];
+        buf[2 * i + 1] = hi * s[2 * i + 1];
+      }
+      for (int64_t j = 2 * pairs; j < len; ++j) {
+        int64_t e = e0 + j;
+        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
+        float f = static_cast<float>(v >= 8 ? v - 16 : v);
+        if constexpr (kOffset) f += o[j];
+        buf[j] = f * s[j];
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        int64_t e = e0 + j;
+        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
+        float f = static_cast<float>(v >= 8 ? v - 16 : v);
+        if constexpr (kOffset) f += o[j];
+        buf[j] = f * s[j];
+      }
+    }
+  }
+}
+
+// Quantized value x2[j, kk] of transposed storage (n, k).
+WQMM_INLINE float CodeT(const Problem& p, int64_t j, int64_t kk) {
+  int64_t e = j * p.k + kk;
+  if (!p.int4) return static_cast<float>(reinterpret_cast<const int8_t*>(p.x2)[e]);
+  int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
+  return static_cast<float>(v >= 8 ? v - 16 : v);
+}
+
+constexpr int64_t kBlockN = 512;  // columns per block (ND): codes and accumulators in L1/L2
+constexpr int64_t kBlockK = 512;  // k chunk (transposed)
+constexpr int64_t kPanel = 64;    // rows of codes per panel (ND), kept in L2 across blocks
+constexpr int64_t kRows = 4;      // rows of x per register block
+constexpr int64_t kLanes = 16;    // columns per register block (one AVX-512 vector of floats)
+
+// Raw integer codes of W[kk, j0:j0+len) as floats into buf (ND storage).
+template <bool kInt4>
+WQMM_INLINE void CodesRowND(const Problem& p, int64_t kk, int64_t j0, int64_t len,
+                            float* __restrict buf) {
+  if constexpr (!kInt4) {
+    const int8_t* __restrict w = reinterpret_cast<const int8_t*>(p.x2) + kk * p.n + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(w[j]);
+  } else {
+    const int64_t e0 = kk * p.n + j0;
+    if ((e0 & 1) == 0) {
+      const uint8_t* __restrict w = p.x2 + (e0 >> 1);
+      const int64_t pairs = len / 2;
+#pragma omp simd
+      for (int64_t i = 0; i < pairs; ++i) {
+        int8_t b = static_cast<int8_t>(w[i]);
+        buf[2 * i] = static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
+        buf[2 * i + 1] = static_cast<float>(static_cast<int8_t>(b >> 4));
+      }
+      for (int64_t j = 2 * pairs; j < len; ++j) {
+        int64_t e = e0 + j;
+        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
+        buf[j] = static_cast<float>(v >= 8 ? v - 16 : v);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        int64_t e = e0 + j;
+        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
+        buf[j] = static_cast<float>(v >= 8 ? v - 16 : v);
+      }
+    }
+  }
+}
+
+// Partial y (m x n, overwritten) over the k slice [k0, k1) of ND storage. Within a panel of
+// rows sharing one scale/offset row, y += s * (sum_k x q + offset * sum_k x): the codes are
+// read from memory once (panel by panel), and scaled once per panel, not per element.
+template <bool kInt4, bool kOffset>
+WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const float* x, float* y,
+                              int64_t k0, int64_t k1) {
+  const int64_t m = p.m, n = p.n;
+  const int64_t panel = q.group ? std::min<int64_t>(kPanel, q.group & -q.group) : kPanel;
+  std::vector<float> pbuf(kPanel * kBlockN), raw(m * kBlockN), xs(m);
+  std::fill(y, y + m * n, 0.0f);
+  for (int64_t r0 = k0; r0 < k1; r0 = std::min(k1, (r0 / panel + 1) * panel)) {
+    const int64_t r1 = std::min(k1, (r0 / panel + 1) * panel);
+    const float* __restrict s = q.scale_row(r0);
+    const float* __restrict o = kOffset ? q.offset_row(r0) : nullptr;
+    for (int64_t r = 0; r < m; ++r) {
+      float acc = 0.0f;
+      for (int64_t kk = r0; kk < r1; ++kk) acc += x[r * p.k + kk];
+      xs[r] = acc;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+      const int64_t len = std::min(kBlockN, n - j0), rows = r1 - r0;
+      if (m < kRows) {  // decode: stream the codes straight into the accumulators
+        std::fill(raw.begin(), raw.begin() + m * len, 0.0f);
+        for (int64_t kk = r0; kk < r1; ++kk) {
+          float* __restrict b = pbuf.data();
+          CodesRowND<kInt4>(p, kk, j0, len, b);
+          for (int64_t r = 0; r < m; ++r) {
+            const float xv = x[r * p.k + kk];
+            float* __restrict a = raw.data() + r * len;
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) a[j] += xv * b[j];
+          }
+        }
+      } else {
+      // The panel's codes as floats (rows x len, in L2), then a register-blocked product:
+      // 4 rows of x by 16 columns of accumulators stay in registers across the panel.
+      for (int64_t kk = r0; kk < r1; ++kk) CodesRowND<kInt4>(p, kk, j0, len, pbuf.data() + (kk - r0) * len);
+      const int64_t full = len / kLanes * kLanes;
+      for (int64_t r = 0; r < m; r += kRows) {
+        const int64_t nr = std::min<int64_t>(kRows, m - r);
+        for (int64_t j = 0; j < full; j += kLanes) {
+          float acc[kRows][kLanes] = {};
+          for (int64_t kk = 0; kk < rows; ++kk) {
+            const float* __restrict b = pbuf.data() + kk * len + j;
+#pragma GCC unroll 4
+            for (int64_t rr = 0; rr < kRows; ++rr) {
+              const float xv = rr < nr ? x[(r + rr) * p.k + r0 + kk] : 0.0f;
+#pragma omp simd
+              for (int64_t l = 0; l < kLanes; ++l) acc[rr][l] += xv * b[l];
+            }
+          }
+          for (int64_t rr = 0; rr < nr; ++rr)
+            for (int64_t l = 0; l < kLanes; ++l) raw[(r + rr) * len + j + l] = acc[rr][l];
+        }
+        for (int64_t rr = 0; rr < nr; ++rr) {  // the ragged tail of columns
+          for (int64_t j = full; j < len; ++j) {
+            float acc = 0.0f;
+            for (int64_t kk = 0; kk < rows; ++kk) acc += x[(r + rr) * p.k + r0 + kk] * pbuf[kk * len + j];
+            raw[(r + rr) * len + j] = acc;
+          }
+        }
+      }
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const float* __restrict a = raw.data() + r * len;
+        float* __restrict out = y + r * n + j0;
+        const float xr = xs[r];
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          float v = a[j];
+          if constexpr (kOffset) v += o[j0 + j] * xr;
+          out[j] += s[j0 + j] * v;
+        }
+      }
+    }
+  }
+}
+
+// Columns [c0, c1) of y for transposed storage: a dot product over k per column.
+template <bool kOffset>
+WQMM_INLINE void MatmulColsT(const Problem& p, const QuantParams& q, const float* x, float* y,
+                             int64_t c0, int64_t c1) {
+  std::vector<float> buf(kBlockK);
+  for (int64_t j = c0; j < c1; ++j) {
+    for (int64_t r = 0; r < p.m; ++r) y[r * p.n + j] = 0.0f;
+    for (int64_t k0 = 0; k0 < p.k; k0 += kBlockK) {
+      const int64_t k1 = std::min(p.k, k0 + kBlockK), len = k1 - k0;
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        float v = CodeT(p, j, kk);
+        if constexpr (kOffset) v += q.offset_row(kk)[j];
+        buf[kk - k0] = v * q.scale_row(kk)[j];
+      }
+      for (int64_t r = 0; r < p.m; ++r) {
+        const float* __restrict xr = x + r * p.k + k0;
+        const float* __restrict b = buf.data();
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < len; ++i) sum += xr[i] * b[i];
+        y[r * p.n + j] += sum;
+      }
+    }
+  }
+}
+
+template <bool kInt4, bool kOffset>
+WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0, int64_t r1) {
+  // Rows [r0, r1) of the (k, n) output weight, in the activation dtype.
+  std::vector<float> buf(p.n);
+  for (int64_t kk = r0; kk < r1; ++kk) {
+    if (!p.transposed) {
+      DequantRowND<kInt4, kOffset>(p, q, kk, 0, p.n, buf.data());
+    } else {
+      const float* s = q.scale_row(kk);
+      const float* o = q.offset_row(kk);
+      for (int64_t j = 0; j < p.n; ++j) buf[j] = (CodeT(p, j, kk) + (kOffset ? o[j] : 0.0f)) * s[j];
+    }
+    uint16_t* __restrict out = static_cast<uint16_t*>(p.out) + kk * p.n;
+    const float* __restrict b = buf.data();
+    if (p.act == Float::kBF16) {
+#pragma omp simd
+      for (int64_t j = 0; j < p.n; ++j) {
+        uint32_t u;
+        std::memcpy(&u, &b[j], 4);
+        out[j] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // finite: RNE
+      }
+    } else {
+      for (int64_t j = 0; j < p.n; ++j) out[j] = F32ToF16(b[j]);
+    }
+  }
+}
+
+int Threads(int64_t work) {
+  static const int hw = [] {
+    const char* env = std::getenv("JAX_WQMM_CPU_THREADS");
+    int t = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, t);
+  }();
+  // below about a million multiply-adds a thread costs more than it saves
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(hw, work / (1 << 20))));
+}
+
+template <typename F>
+void ParallelFor(int64_t total, int64_t align, int threads, F&& body) {
+  if (threads <= 1 || total <= align) {
+    body(0, total);
+    return;
+  }
+  int64_t per = (total + threads - 1) / threads;
+  per = (per + align - 1) / align * align;
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    int64_t b = t * per, e = std::min(total, b + per);
+    if (b < e) pool.emplace_back([&body, b, e] { body(b, e); });
+  }
+  body(0, std::min(total, per));
+  for (auto& th : pool) th.join();
+}
+
+template <bool kInt4, bool kOffset>
+WQMM_INLINE void MatmulCols(const Problem& p, const QuantParams& q, const float* x, float* y,
+                            int64_t c0, int64_t c1) {
+  MatmulColsT<kOffset>(p, q, x, y, c0, c1);
+}
+
+#define WQMM_DISPATCH(Impl, p, ...)                                              \
+  do {                                                                           \
+    if ((p).int4) {                                                              \
+      if ((p).offset) Impl<true, true>(p, __VA_ARGS__);                          \
+      else Impl<true, false>(p, __VA_ARGS__);                                    \
+    } else {                                                                     \
+      if ((p).offset) Impl<false, true>(p, __VA_ARGS__);                         \
+      else Impl<false, false>(p, __VA_ARGS__);                                   \
+    }                                                                            \
+  } while (0)
+
+// The hot loops, one copy per instruction set: the always-inline templates above are
+// inlined into each and vectorized for its target. Nothing is built with -march=native;
+// the copy is chosen at run time (Detect).
+using ColsFn = void (*)(const Problem&, const QuantParams&, const float*, float*, int64_t, int64_t);
+using PartialFn = void (*)(const Problem&, const QuantParams&, const float*, float*, int64_t, int64_t);
+using RowsFn = void (*)(const Problem&, const QuantParams&, int64_t, int64_t);
+
+#define WQMM_WORKERS(suffix, attr)                                                            \
+  attr void MatmulCols##suffix(const Problem& p, const QuantParams& q, const float* x,        \
+                               float* y, int64_t c0, int64_t c1) {                            \
+    WQMM_DISPATCH(MatmulCols, p, q, x, y, c0, c1);                                            \
+  }                                                                                           \
+  attr void MatmulRowsND##suffix(const Problem& p, const QuantParams& q, const float* x,      \
+                                 float* y, int64_t k0, int64_t k1) {                          \
+    WQMM_DISPATCH(MatmulRowsND, p, q, x, y, k0, k1);                                          \
+  }                                                                                           \
+  attr void DequantRows##suffix(const Problem& p, const QuantParams& q, int64_t r0,           \
+                                int64_t r1) {                                                 \
+    WQMM_DISPATCH(DequantRows, p, q, r0, r1);                                                 \
+  }
+
+#if defined(__x86_64__)
+WQMM_WORKERS(Avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))))
+WQMM_WORKERS(Avx2, __attribute__((target("avx2,fma,f16c"))))
+#endif
+WQMM_WORKERS(Portable, )
+
+enum class IsaLevel { kPortable, kAvx2, kAvx512 };
+
+IsaLevel Detect() {
+  static const IsaLevel level = [] {
+    const char* force = std::getenv("JAX_WQMM_CPU_ISA");
+    IsaLevel best = IsaLevel::kPortable;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = IsaLevel::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      best = IsaLevel::kAvx512;
+#endif
+    if (force) {
+      std::string f(force);
+      IsaLevel want = f == "avx512" ? IsaLevel::kAvx512 : f == "avx2" ? IsaLevel::kAvx2 : IsaLevel::kPortable;
+      if (want < best) best = want;  // only ever downgrade
+    }
+    return best;
+  }();
+  return level;
+}
+
+ColsFn Cols() {
+  switch (Detect()) {
+#if defined(__x86_64__)
+    case IsaLevel::kAvx512: return MatmulColsAvx512;
+    case IsaLevel::kAvx2: return MatmulColsAvx2;
+#endif
+    default: return MatmulColsPortable;
+  }
+}
+
+PartialFn RowsND() {
+  switch (Detect()) {
+#if defined(__x86_64__)
+    case IsaLevel::kAvx512: return MatmulRowsNDAvx512;
+    case IsaLevel::kAvx2: return MatmulRowsNDAvx2;
+#endif
+    default: return MatmulRowsNDPortable;
+  }
+}
+
+RowsFn Rows() {
+  switch (Detect()) {
+#if defined(__x86_64__)
+    case IsaLevel::kAvx512: return DequantRowsAvx512;
+    case IsaLevel::kAvx2: return DequantRowsAvx2;
+#endif
+    default: return DequantRowsPortable;
+  }
+}
+
+}  // namespace
+
+void Matmul(const Problem& p) {
+  QuantParams q = MakeQuantParams(p);
+  std::vector<float> x(p.m * p.k), y(p.m * p.n);
+  ToF32(p.x1, p.act, p.m * p.k, x.data());
+  const int threads = Threads(p.m * p.k * p.n);
+  if (p.transposed) {  // columns are contiguous along k: split the columns
+    const ColsFn cols = Cols();
+    ParallelFor(p.n, 64, threads,
+                [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y.data(), c0, c1); });
+  } else {  // rows are contiguous: split k, each thread streams its rows once, then sum
+    const PartialFn rows = RowsND();
+    const int64_t align = q.group ? std::max<int64_t>(q.group, kPanel) : kPanel;
+    const int64_t per = ((p.k + threads - 1) / threads + align - 1) / align * align;
+    const int parts = static_cast<int>((p.k + per - 1) / per);
+    std::vector<std::vector<float>> partial(parts > 1 ? parts - 1 : 0, std::vector<float>(p.m * p.n));
+    ParallelFor(parts, 1, parts, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* out = t == 0 ? y.data() : partial[t - 1].data();
+        rows(p, q, x.data(), out, t * per, std::min(p.k, (t + 1) * per));
+      }
+    });
+    for (const auto& part : partial) {
+      for (int64_t i = 0; i < p.m * p.n; ++i) y[i] += part[i];
+    }
+  }
+  std::vector<float> bias;
+  if (p.bias) {
+    bias.resize(p.n);
+    ToF32(p.bias, p.bias_dtype, p.n, bias.data());
+  }
+  for (int64_t r = 0; r < p.m; ++r) {
+    for (int64_t j = 0; j < p.n; ++j) {
+      float v = y[r * p.n + j];
+      if (p.bias) v += bias[j];
+      if (p.x3) v += Load(p.x3, p.x3_dtype, r * p.n + j);
+      Store(p.out, p.act, r * p.n + j, v);
+    }
+  }
+}
+
+void Dequantize(const Problem& p) {
+  QuantParams q = MakeQuantParams(p);
+  const RowsFn rows = Rows();
+  ParallelFor(p.k, 16, Threads(p.k * p.n * 8), [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
+}
+
+std::string Isa() {
+  switch (Detect()) {
+    case IsaLevel::kAvx512: return "avx512";
+    case IsaLevel::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+}  // namespace jax_wqmm::cpu

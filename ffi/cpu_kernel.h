@@ -1,0 +1,41 @@
+// A CPU kernel for the operator's local part: y = x1 @ ((x2 + offset) * scale) + bias + x3,
+// reading the quantized weight once (dequantized a row segment at a time into L1), and a
+// dequantize-only kernel for large m (XLA's dot then does the multiply).
+#ifndef JAX_WQMM_CPU_KERNEL_H_
+#define JAX_WQMM_CPU_KERNEL_H_
+
+#include <cstdint>
+#include <string>
+
+namespace jax_wqmm::cpu {
+
+enum class Float : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+struct Problem {
+  int64_t m = 0, k = 0, n = 0;
+  const void* x1 = nullptr;        // (m, k), act
+  Float act = Float::kBF16;
+  const uint8_t* x2 = nullptr;     // (k, n), or (n, k) if transposed; int8 or packed int4
+  bool int4 = false;
+  bool transposed = false;
+  const void* scale = nullptr;     // act dtype: (1,), (n,) or (ceil(k/g), n)
+  const void* offset = nullptr;    // same shape, or null
+  int64_t group_size = 0;          // 0: per-tensor / per-channel from scale_count
+  int64_t scale_count = 1;         // elements of scale
+  const void* bias = nullptr;      // (n,), bias_dtype
+  Float bias_dtype = Float::kBF16;
+  const void* x3 = nullptr;        // (m, n), x3_dtype
+  Float x3_dtype = Float::kBF16;
+  void* out = nullptr;             // (m, n) act, or the (k, n) weight for Dequantize
+};
+
+// y = x1 @ W + bias + x3 into out (act dtype).
+void Matmul(const Problem& p);
+// W = (x2 + offset) * scale, (k, n) in act dtype, into out.
+void Dequantize(const Problem& p);
+// The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
+std::string Isa();
+
+}  // namespace jax_wqmm::cpu
+
+#endif  // JAX_WQMM_CPU_KERNEL_H_

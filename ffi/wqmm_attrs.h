@@ -1,0 +1,59 @@
+// The FFI attribute schema of every jax_wqmm custom call; Python builds the same set from a
+// validated spec (jax_wqmm.native.ffi_attributes), so the native targets share one encoding.
+#ifndef JAX_WQMM_WQMM_ATTRS_H_
+#define JAX_WQMM_WQMM_ATTRS_H_
+
+#include <cstdint>
+#include <string_view>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_wqmm {
+
+struct Attrs {
+  std::string_view axis;
+  int64_t group_size, k, n, comm_turn, stream_mode;
+  bool transpose_x2, has_offset, has_bias, has_x3;
+  int32_t x2_format, x2_dtype;
+  std::string_view reduce_op;
+};
+
+}  // namespace jax_wqmm
+
+// Handler parameters, in binding order, and the Attrs built from them.
+#define WQMM_ATTR_PARAMS                                                                        \
+  std::string_view axis, int64_t group_size, bool transpose_x2, int32_t x2_format,               \
+      int32_t x2_dtype, bool has_offset, bool has_bias, bool has_x3, int64_t k, int64_t n,        \
+      std::string_view reduce_op, int64_t comm_turn, int64_t stream_mode
+#define WQMM_ATTRS                                                                           \
+  jax_wqmm::Attrs {                                                                                     \
+    axis, group_size, k, n, comm_turn, stream_mode, transpose_x2, has_offset, has_bias, has_x3, \
+        x2_format, x2_dtype, reduce_op                                                        \
+  }
+
+
+// Binds the attributes, after the operands.
+#define WQMM_BIND_ATTRS(binding)                                                          \
+  binding.Attr<std::string_view>("axis")                                                  \
+      .Attr<int64_t>("antiquant_group_size")                                             \
+      .Attr<bool>("transpose_x2")                                                         \
+      .Attr<int32_t>("x2_format")                                                         \
+      .Attr<int32_t>("x2_dtype")                                                          \
+      .Attr<bool>("has_offset")                                                           \
+      .Attr<bool>("has_bias")                                                             \
+      .Attr<bool>("has_x3")                                                               \
+      .Attr<int64_t>("k")                                                                 \
+      .Attr<int64_t>("n")                                                                 \
+      .Attr<std::string_view>("reduce_op")                                                \
+      .Attr<int64_t>("comm_turn")                                                         \
+      .Attr<int64_t>("stream_mode")
+
+// The operands and attributes every binding shares, after its context.
+#define WQMM_BIND_OPERANDS(binding)                                                           \
+  WQMM_BIND_ATTRS(binding.Arg<ffi::AnyBuffer>()                                               \
+                      .Arg<ffi::AnyBuffer>()                                                  \
+                      .Arg<ffi::AnyBuffer>()                                                  \
+                      .RemainingArgs()                                                        \
+                      .Ret<ffi::AnyBuffer>())
+
+#endif  // JAX_WQMM_WQMM_ATTRS_H_

@@ -1,0 +1,87 @@
+"""The fast CPU path: a native dequantizing matmul (ffi/cpu_kernel.cc) as the CPU lowering.
+
+For the cases it covers (int8 / int4 weights, ND storage, transposed or not, per-tensor /
+per-channel / per-group, with or without offset, float16 / bfloat16 activations) the
+primitive's CPU lowering is:
+
+- m <= :data:`SMALL_M`: one custom call that reads the quantized weight once, dequantizing a
+  row segment at a time in cache, and returns ``x1 @ W + bias + x3``;
+- larger m (compute-bound): a custom call that dequantizes W once to the activation dtype,
+  then XLA's own dot (float32 accumulation), which is faster than the kernel there;
+
+followed by the operator's all-reduce as an XLA psum. Every other case (FP8, HiFloat8,
+FRACTAL_NZ) keeps the jnp reference lowering, which stays the oracle. This becomes the default
+CPU lowering when the extension is importable (:func:`register`, called at import).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import mlir
+
+from . import native, reference
+from .spec import WqmmSpec, unpack_operands, pack_operands
+
+__all__ = ["SMALL_M", "supports", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
+           "DEQUANTIZE_TARGET"]
+
+MATMUL_TARGET = "wqmm_cpu_matmul"
+DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
+#: Up to this many rows (m) the fused kernel runs; above it, dequantize + XLA's dot.
+SMALL_M = 16
+
+
+def supports(spec: WqmmSpec) -> bool:
+    """Whether the CPU kernel covers this call (else the jnp reference runs)."""
+    return (spec.weight_dtype in ("int8", "int4") and spec.x2_format == "ND"
+            and spec.act_dtype in ("float16", "bfloat16"))
+
+
+def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
+    """One rank's ``x1 @ ((x2 + offset) * scale) + bias + x3`` through the CPU kernels."""
+    attrs = native.ffi_attributes(spec)
+    out_type = jax.typeof(x1).update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype))
+    if spec.m <= SMALL_M:
+        call = jax.ffi.ffi_call(MATMUL_TARGET, out_type)
+        return call(*pack_operands(x1, x2, scale, offset, bias, x3), **attrs)
+    w_type = jax.typeof(scale).update(shape=(spec.k, spec.n), dtype=jnp.dtype(spec.act_dtype))
+    w = jax.ffi.ffi_call(DEQUANTIZE_TARGET, w_type)(*pack_operands(x2, scale, offset), **attrs)
+    acc = reference.matmul_f32(x1, w)
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    if x3 is not None:
+        acc = acc + x3.astype(jnp.float32)
+    return acc.astype(spec.out_dtype)
+
+
+def _impl(*operands, spec: WqmmSpec):
+    args = unpack_operands(spec, operands)
+    if not supports(spec):
+        return reference.apply(*args, spec)
+    return reference.all_reduce(local_matmul(*args, spec), spec)
+
+
+def register(platform: str = "cpu") -> bool:
+    """Makes the CPU kernel the lowering on ``platform``; False if the extension is missing."""
+    from .primitive import wqmm_p
+
+    try:
+        native.register_targets(platform, MATMUL_TARGET, DEQUANTIZE_TARGET)
+    except native.NativeExtensionError:
+        return False
+    mlir.register_lowering(wqmm_p, mlir.lower_fun(_impl, multiple_results=False), platform=platform)
+    return True
+
+
+def unregister(platform: str = "cpu") -> None:
+    """Back to the jnp reference lowering on ``platform``."""
+    from .primitive import wqmm_p
+
+    mlir.register_lowering(wqmm_p, native._reference_rule(), platform=platform)
+
+
+def isa() -> str:
+    """The instruction set the kernels run with here: "avx512", "avx2" or "portable"
+    (``$JAX_WQMM_CPU_ISA`` can force a lower one)."""
+    return native.extension().cpu_isa()

@@ -1,0 +1,122 @@
+"""The native CPU kernel (the default CPU lowering for int8 / int4 ND weights) against the oracle."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_wqmm as wq
+from jax_wqmm import cpu_kernel
+import oracle
+from cases import make_case, to_jax
+
+
+def _lowered(case):
+    f = jax.jit(lambda *a: wq.weight_quant_matmul_all_reduce(*a, **case.kwargs))
+    return f, f.lower(*to_jax(case.args)).as_text()
+
+
+def test_kernel_is_the_default_cpu_lowering():
+    case = make_case(np.random.default_rng(60), weight_dtype="int4", granularity="per_group",
+                     group_size=32, offset=True, bias=True, x3=True)
+    _, text = _lowered(case)
+    assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
+    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,))
+    assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(big)[1]
+    fp8 = make_case(np.random.default_rng(62), weight_dtype="float8_e4m3fn")
+    assert "custom_call" not in _lowered(fp8)[1]  # FP8 keeps the jnp reference
+    nz = make_case(np.random.default_rng(63), fmt="FRACTAL_NZ")
+    assert "custom_call" not in _lowered(nz)[1]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 15, 16, 17, 64, 511, 2048])
+@pytest.mark.parametrize("wd,gran,off,tr,act", [
+    ("int8", "per_channel", True, False, "bfloat16"),
+    ("int4", "per_group", True, False, "float16"),
+    ("int8", "per_tensor", False, True, "float16"),
+    ("int4", "per_channel", False, True, "bfloat16"),
+    ("int4", "per_group", False, True, "bfloat16"),
+])
+def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
+    # k = 161 and n = 37: not multiples of any tile, panel or vector width; odd n puts int4
+    # rows at odd nibble offsets.
+    case = make_case(np.random.default_rng(m), weight_dtype=wd, granularity=gran, offset=off,
+                     bias=True, x3=True, lead=(m,), k=161, n=37, transpose=tr, act=act, group_size=64)
+    f, text = _lowered(case)
+    assert "custom_call" in text
+    y = f(*to_jax(case.args))
+    expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
+    oracle.assert_close(y, expected, mag, act)
+
+
+@pytest.mark.parametrize("k,n,g", [(4096, 96, 128), (1000, 130, 96), (33, 1, 32)])
+def test_wide_and_narrow_shapes(k, n, g):
+    case = make_case(np.random.default_rng(k), weight_dtype="int4", granularity="per_group",
+                     offset=True, lead=(3,), k=k, n=n, group_size=g)
+    y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
+    expected, mag = oracle.wqmm([case.oracle], g, "int4")
+    oracle.assert_close(y, expected, mag, "bfloat16")
+
+
+def test_kernel_inside_shard_map_then_xla_psum():
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    case = make_case(np.random.default_rng(64), weight_dtype="int8", granularity="per_group",
+                     group_size=32, offset=True, bias=True, k=8 * 64, n=40, lead=(4,))
+    from test_shard_map import _rank_slices
+    specs = (P(None, "tp"), P("tp", None), P("tp", None), P("tp", None), P())
+    f = jax.jit(jax.shard_map(
+        lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="tp", antiquant_group_size=32),
+        mesh=mesh, in_specs=specs, out_specs=P()))
+    args = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, s)) for a, s in zip(case.args[:5], specs)]
+    text = f.lower(*args).as_text()
+    assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text and "all_reduce" in text
+    expected, mag = oracle.wqmm(_rank_slices(case, 8), 32, "int8")
+    oracle.assert_close(f(*args), expected, mag, case.act, ranks=8)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_every_instruction_set_path_agrees_with_the_oracle(isa):
+    """The kernel copies for lower instruction sets (forced with JAX_WQMM_CPU_ISA)."""
+    code = textwrap.dedent("""
+        import sys, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        import conftest, jax_wqmm as wq, oracle
+        from jax_wqmm import cpu_kernel
+        from cases import make_case, to_jax
+        print("isa", cpu_kernel.isa())
+        for m in (1, 3, 8, 40):
+            for wd, gran, tr in (("int8", "per_channel", False), ("int4", "per_group", False),
+                                 ("int4", "per_tensor", True)):
+                case = make_case(np.random.default_rng(m), weight_dtype=wd, granularity=gran,
+                                 offset=True, bias=True, lead=(m,), k=161, n=37, transpose=tr,
+                                 group_size=64)
+                y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
+                e, mag = oracle.wqmm([case.oracle], case.group_size, wd)
+                oracle.assert_close(y, e, mag, "bfloat16")
+        print("ok")
+    """)
+    tests = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_WQMM_CPU_ISA=isa, JAX_PLATFORMS="cpu"), cwd=tests)
+    assert out.returncode == 0, out.stdout + out.stderr
+    want = "portable" if isa == "portable" else ("avx2", "portable")  # a machine without AVX2 downgrades
+    assert out.stdout.splitlines()[0].split()[1] in want
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_reference_lowering_can_be_restored():
+    import jax_wqmm.testing as wqt
+    case = make_case(np.random.default_rng(65))
+    wqt.use_reference()
+    try:
+        assert "custom_call" not in _lowered(case)[1]
+    finally:
+        wqt.use_default()
+    assert "custom_call" in _lowered(case)[1]

@@ -175,7 +175,7 @@ WQMM_INLINE float CodeT(const Problem& p, int64_t j, int64_t kk) {
 constexpr int64_t kBlockN = 512;  // columns per block (ND): codes and accumulators in L1/L2
 constexpr int64_t kBlockK = 512;  // k chunk (transposed)
 constexpr int64_t kPanel = 64;    // rows of codes per panel (ND), kept in L2 across blocks
-constexpr int64_t kRows = 4;      // rows of x per register block
+constexpr int64_t kRows = 8;      // rows of x per register block
 constexpr int64_t kLanes = 16;    // columns per register block (one AVX-512 vector of floats)
 
 // Raw integer codes of W[kk, j0:j0+len) as floats into buf (ND storage).
@@ -220,7 +220,9 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
                               int64_t k0, int64_t k1) {
   const int64_t m = p.m, n = p.n;
   const int64_t panel = q.group ? std::min<int64_t>(kPanel, q.group & -q.group) : kPanel;
-  std::vector<float> pbuf(kPanel * kBlockN), raw(m * kBlockN), xs(m);
+  // Few rows: whole rows at a time, so each thread streams its codes strictly sequentially.
+  const int64_t block = m < kRows ? n : kBlockN;
+  std::vector<float> pbuf(m < kRows ? n : kPanel * kBlockN), raw(m * block), xs(m);
   std::fill(y, y + m * n, 0.0f);
   for (int64_t r0 = k0; r0 < k1; r0 = std::min(k1, (r0 / panel + 1) * panel)) {
     const int64_t r1 = std::min(k1, (r0 / panel + 1) * panel);
@@ -231,11 +233,35 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
       for (int64_t kk = r0; kk < r1; ++kk) acc += x[r * p.k + kk];
       xs[r] = acc;
     }
-    for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
-      const int64_t len = std::min(kBlockN, n - j0), rows = r1 - r0;
+    for (int64_t j0 = 0; j0 < n; j0 += block) {
+      const int64_t len = std::min(block, n - j0), rows = r1 - r0;
       if (m < kRows) {  // decode: stream the codes straight into the accumulators
         std::fill(raw.begin(), raw.begin() + m * len, 0.0f);
         for (int64_t kk = r0; kk < r1; ++kk) {
+          if constexpr (!kInt4) {
+            if (m == 1) {  // one row: convert and accumulate in one pass
+              const int8_t* __restrict w = reinterpret_cast<const int8_t*>(p.x2) + kk * p.n + j0;
+              const float xv = x[kk];
+              float* __restrict a = raw.data();
+#pragma omp simd
+              for (int64_t j = 0; j < len; ++j) a[j] += xv * static_cast<float>(w[j]);
+              continue;
+            }
+          } else {
+            const int64_t e0 = kk * p.n + j0;
+            if (m == 1 && (e0 & 1) == 0 && (len & 1) == 0) {  // one row of packed pairs
+              const uint8_t* __restrict w = p.x2 + (e0 >> 1);
+              const float xv = x[kk];
+              float* __restrict a = raw.data();
+#pragma omp simd
+              for (int64_t i = 0; i < len / 2; ++i) {
+                int8_t b = static_cast<int8_t>(w[i]);
+                a[2 * i] += xv * static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
+                a[2 * i + 1] += xv * static_cast<float>(static_cast<int8_t>(b >> 4));
+              }
+              continue;
+            }
+          }
           float* __restrict b = pbuf.data();
           CodesRowND<kInt4>(p, kk, j0, len, b);
           for (int64_t r = 0; r < m; ++r) {
@@ -256,7 +282,7 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
           float acc[kRows][kLanes] = {};
           for (int64_t kk = 0; kk < rows; ++kk) {
             const float* __restrict b = pbuf.data() + kk * len + j;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int64_t rr = 0; rr < kRows; ++rr) {
               const float xv = rr < nr ? x[(r + rr) * p.k + r0 + kk] : 0.0f;
 #pragma omp simd

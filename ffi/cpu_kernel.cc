@@ -113,63 +113,17 @@ QuantParams MakeQuantParams(const Problem& p) {
   return q;
 }
 
-// Dequantizes W[kk, j0:j1) (ND storage) into buf[0:j1-j0).
-template <bool kInt4, bool kOffset>
-WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk, int64_t j0,
-                              int64_t j1, float* __restrict buf) {
-  const float* __restrict s = q.scale_row(kk) + j0;
-  const float* __restrict o = kOffset ? q.offset_row(kk) + j0 : nullptr;
-  const int64_t len = j1 - j0;
-  if constexpr (!kInt4) {
-    const int8_t* __restrict w = reinterpret_cast<const int8_t*>(p.x2) + kk * p.n + j0;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      float v = static_cast<float>(w[j]);
-      if constexpr (kOffset) v += o[j];
-      buf[j] = v * s[j];
-    }
-  } else {
-    const int64_t e0 = kk * p.n + j0;
-    if ((e0 & 1) == 0) {
-      const uint8_t* __restrict w = p.x2 + (e0 >> 1);
-      const int64_t pairs = len / 2;
-#pragma omp simd
-      for (int64_t i = 0; i < pairs; ++i) {
-        int8_t b = static_cast<int8_t>(w[i]);
-        float lo = static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
-        float hi = static_cast<float>(static_cast<int8_t>(b >> 4));
-        if constexpr (kOffset) {
-          lo += o[2 * i];
-          hi += o[2 * i + 1];
-        }
-        buf[2 * i] = lo * s[2 * i];
-        buf[2 * i + 1] = hi * s[2 * i + 1];
-      }
-      for (int64_t j = 2 * pairs; j < len; ++j) {
-        int64_t e = e0 + j;
-        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
-        float f = static_cast<float>(v >= 8 ? v - 16 : v);
-        if constexpr (kOffset) f += o[j];
-        buf[j] = f * s[j];
-      }
-    } else {
-      for (int64_t j = 0; j < len; ++j) {
-        int64_t e = e0 + j;
-        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
-        float f = static_cast<float>(v >= 8 ? v - 16 : v);
-        if constexpr (kOffset) f += o[j];
-        buf[j] = f * s[j];
-      }
-    }
-  }
+// Element e of packed int4 storage (two per byte, element 2i in the low nibble).
+WQMM_INLINE float Nibble(const uint8_t* w, int64_t e) {
+  int v = (w[e >> 1] >> ((e & 1) * 4)) & 0xf;
+  return static_cast<float>(v >= 8 ? v - 16 : v);
 }
 
 // Quantized value x2[j, kk] of transposed storage (n, k).
 WQMM_INLINE float CodeT(const Problem& p, int64_t j, int64_t kk) {
   int64_t e = j * p.k + kk;
   if (!p.int4) return static_cast<float>(reinterpret_cast<const int8_t*>(p.x2)[e]);
-  int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
-  return static_cast<float>(v >= 8 ? v - 16 : v);
+  return Nibble(p.x2, e);
 }
 
 constexpr int64_t kBlockN = 512;  // columns per block (ND): codes and accumulators in L1/L2
@@ -197,18 +151,26 @@ WQMM_INLINE void CodesRowND(const Problem& p, int64_t kk, int64_t j0, int64_t le
         buf[2 * i] = static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
         buf[2 * i + 1] = static_cast<float>(static_cast<int8_t>(b >> 4));
       }
-      for (int64_t j = 2 * pairs; j < len; ++j) {
-        int64_t e = e0 + j;
-        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
-        buf[j] = static_cast<float>(v >= 8 ? v - 16 : v);
-      }
+      for (int64_t j = 2 * pairs; j < len; ++j) buf[j] = Nibble(p.x2, e0 + j);
     } else {
-      for (int64_t j = 0; j < len; ++j) {
-        int64_t e = e0 + j;
-        int v = (p.x2[e >> 1] >> ((e & 1) * 4)) & 0xf;
-        buf[j] = static_cast<float>(v >= 8 ? v - 16 : v);
-      }
+      for (int64_t j = 0; j < len; ++j) buf[j] = Nibble(p.x2, e0 + j);
     }
+  }
+}
+
+// Dequantizes W[kk, j0:j1) (ND storage) into buf[0:j1-j0).
+template <bool kInt4, bool kOffset>
+WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk, int64_t j0,
+                              int64_t j1, float* __restrict buf) {
+  const int64_t len = j1 - j0;
+  CodesRowND<kInt4>(p, kk, j0, len, buf);
+  const float* __restrict s = q.scale_row(kk) + j0;
+  const float* __restrict o = kOffset ? q.offset_row(kk) + j0 : nullptr;
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    float v = buf[j];
+    if constexpr (kOffset) v += o[j];
+    buf[j] = v * s[j];
   }
 }
 

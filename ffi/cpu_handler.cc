@@ -76,7 +76,8 @@ ffi::Error MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale
 }
 
 ffi::Error DequantizeImpl(ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
-                          ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
+                          ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS, int64_t col_begin,
+                          int64_t col_end) {
   const Attrs a = WQMM_ATTRS;
   std::optional<ffi::AnyBuffer> offset;
   if (a.has_offset) {
@@ -86,6 +87,11 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::Remainin
   }
   cpu::Problem p;
   if (auto e = FillWeight(p, x2, scale, offset ? &*offset : nullptr, a); e.failure()) return e;
+  if (col_begin < 0 || col_end > a.n || col_begin >= col_end) {
+    return ffi::Error::InvalidArgument("dequantize: bad column range");
+  }
+  p.col_begin = col_begin;
+  p.col_end = col_end;
   p.out = out->untyped_data();
   cpu::Dequantize(p);
   return ffi::Error::Success();
@@ -101,4 +107,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmCpuDequantize, jax_wqmm::DequantizeImpl,
                                                   .Arg<ffi::AnyBuffer>()
                                                   .Arg<ffi::AnyBuffer>()
                                                   .RemainingArgs()
-                                                  .Ret<ffi::AnyBuffer>()));
+                                                  .Ret<ffi::AnyBuffer>())
+                                  .Attr<int64_t>("col_begin")
+                                  .Attr<int64_t>("col_end"));

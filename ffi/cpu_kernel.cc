@@ -306,27 +306,28 @@ WQMM_INLINE void MatmulColsT(const Problem& p, const QuantParams& q, const float
 
 template <bool kInt4, bool kOffset>
 WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0, int64_t r1) {
-  // Rows [r0, r1) of the (k, n) output weight, in the activation dtype.
-  std::vector<float> buf(p.n);
+  // Rows [r0, r1) of W[:, c0:c1], in the activation dtype.
+  const int64_t c0 = p.col_begin, c1 = p.col_end < 0 ? p.n : p.col_end, width = c1 - c0;
+  std::vector<float> buf(width);
   for (int64_t kk = r0; kk < r1; ++kk) {
     if (!p.transposed) {
-      DequantRowND<kInt4, kOffset>(p, q, kk, 0, p.n, buf.data());
+      DequantRowND<kInt4, kOffset>(p, q, kk, c0, c1, buf.data());
     } else {
       const float* s = q.scale_row(kk);
       const float* o = q.offset_row(kk);
-      for (int64_t j = 0; j < p.n; ++j) buf[j] = (CodeT(p, j, kk) + (kOffset ? o[j] : 0.0f)) * s[j];
+      for (int64_t j = c0; j < c1; ++j) buf[j - c0] = (CodeT(p, j, kk) + (kOffset ? o[j] : 0.0f)) * s[j];
     }
-    uint16_t* __restrict out = static_cast<uint16_t*>(p.out) + kk * p.n;
+    uint16_t* __restrict out = static_cast<uint16_t*>(p.out) + kk * width;
     const float* __restrict b = buf.data();
     if (p.act == Float::kBF16) {
 #pragma omp simd
-      for (int64_t j = 0; j < p.n; ++j) {
+      for (int64_t j = 0; j < width; ++j) {
         uint32_t u;
         std::memcpy(&u, &b[j], 4);
         out[j] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // finite: RNE
       }
     } else {
-      for (int64_t j = 0; j < p.n; ++j) out[j] = F32ToF16(b[j]);
+      for (int64_t j = 0; j < width; ++j) out[j] = F32ToF16(b[j]);
     }
   }
 }
@@ -500,7 +501,8 @@ void Matmul(const Problem& p) {
 void Dequantize(const Problem& p) {
   QuantParams q = MakeQuantParams(p);
   const RowsFn rows = Rows();
-  ParallelFor(p.k, 16, Threads(p.k * p.n * 8), [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
+  const int64_t width = (p.col_end < 0 ? p.n : p.col_end) - p.col_begin;
+  ParallelFor(p.k, 16, Threads(p.k * width * 8), [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
 }
 
 std::string Isa() {

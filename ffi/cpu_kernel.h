@@ -26,12 +26,13 @@ struct Problem {
   Float bias_dtype = Float::kBF16;
   const void* x3 = nullptr;        // (m, n), x3_dtype
   Float x3_dtype = Float::kBF16;
-  void* out = nullptr;             // (m, n) act, or the (k, n) weight for Dequantize
+  void* out = nullptr;             // (m, n) act, or the (k, c1 - c0) weight for Dequantize
+  int64_t col_begin = 0, col_end = -1;  // Dequantize: the columns [c0, c1) of W (-1: n)
 };
 
 // y = x1 @ W + bias + x3 into out (act dtype).
 void Matmul(const Problem& p);
-// W = (x2 + offset) * scale, (k, n) in act dtype, into out.
+// W[:, c0:c1] = (x2 + offset) * scale, (k, c1 - c0) in act dtype, into out.
 void Dequantize(const Problem& p);
 // The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
 std::string Isa();

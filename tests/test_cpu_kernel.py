@@ -56,10 +56,15 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
     oracle.assert_close(y, expected, mag, act)
 
 
-@pytest.mark.parametrize("k,n,g", [(4096, 96, 128), (1000, 130, 96), (33, 1, 32)])
-def test_wide_and_narrow_shapes(k, n, g):
+@pytest.mark.parametrize("m,k,n,g", [(3, 4096, 96, 128), (3, 1000, 130, 96), (3, 33, 1, 32),
+                                     (20, 4096, 1100, 128), (40, 2048, 1537, 64)])
+def test_wide_and_narrow_shapes(m, k, n, g):
+    """Includes large-m calls whose weight is dequantized in several column slabs."""
     case = make_case(np.random.default_rng(k), weight_dtype="int4", granularity="per_group",
-                     offset=True, lead=(3,), k=k, n=n, group_size=g)
+                     offset=True, lead=(m,), k=k, n=n, group_size=g)
+    if m > cpu_kernel.SMALL_M:
+        text = _lowered(case)[1]
+        assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") > 1
     y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
     expected, mag = oracle.wqmm([case.oracle], g, "int4")
     oracle.assert_close(y, expected, mag, "bfloat16")

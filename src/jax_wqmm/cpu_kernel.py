@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.interpreters import mlir
 
 from . import native, reference
@@ -30,6 +31,8 @@ MATMUL_TARGET = "wqmm_cpu_matmul"
 DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
 #: Up to this many rows (m) the fused kernel runs; above it, dequantize + XLA's dot.
 SMALL_M = 16
+#: Elements of W dequantized per slab on the large-m path.
+DEQUANTIZE_SLAB = 1 << 21
 
 
 def supports(spec: WqmmSpec) -> bool:
@@ -45,9 +48,17 @@ def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
     if spec.m <= SMALL_M:
         call = jax.ffi.ffi_call(MATMUL_TARGET, out_type)
         return call(*pack_operands(x1, x2, scale, offset, bias, x3), **attrs)
-    w_type = jax.typeof(scale).update(shape=(spec.k, spec.n), dtype=jnp.dtype(spec.act_dtype))
-    w = jax.ffi.ffi_call(DEQUANTIZE_TARGET, w_type)(*pack_operands(x2, scale, offset), **attrs)
-    acc = reference.matmul_f32(x1, w)
+    # Dequantize and multiply a slab of columns at a time: each slab's weight is a small
+    # temporary that the allocator reuses (a whole (k, n) one would be fresh pages each call).
+    step = max(128, (DEQUANTIZE_SLAB // spec.k) // 128 * 128)
+    parts = []
+    for c0 in range(0, spec.n, step):
+        c1 = min(spec.n, c0 + step)
+        w_type = jax.typeof(scale).update(shape=(spec.k, c1 - c0), dtype=jnp.dtype(spec.act_dtype))
+        w = jax.ffi.ffi_call(DEQUANTIZE_TARGET, w_type)(
+            *pack_operands(x2, scale, offset), col_begin=np.int64(c0), col_end=np.int64(c1), **attrs)
+        parts.append(reference.matmul_f32(x1, w))
+    acc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
     if x3 is not None:

@@ -184,6 +184,8 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
   const int64_t panel = q.group ? std::min<int64_t>(kPanel, q.group & -q.group) : kPanel;
   // Few rows: whole rows at a time, so each thread streams its codes strictly sequentially.
   const int64_t block = m < kRows ? n : kBlockN;
+  // int4, one row, even n: every row starts on a byte, so pairs split into even / odd columns.
+  const bool split = kInt4 && m == 1 && n % 2 == 0;
   std::vector<float> pbuf(m < kRows ? n : kPanel * kBlockN), raw(m * block), xs(m);
   std::fill(y, y + m * n, 0.0f);
   for (int64_t r0 = k0; r0 < k1; r0 = std::min(k1, (r0 / panel + 1) * panel)) {
@@ -211,15 +213,16 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
             }
           } else {
             const int64_t e0 = kk * p.n + j0;
-            if (m == 1 && (e0 & 1) == 0 && (len & 1) == 0) {  // one row of packed pairs
+            if (split) {  // one row of packed pairs: even and odd columns accumulate apart
               const uint8_t* __restrict w = p.x2 + (e0 >> 1);
               const float xv = x[kk];
-              float* __restrict a = raw.data();
+              float* __restrict even = raw.data();
+              float* __restrict odd = raw.data() + len / 2;
 #pragma omp simd
               for (int64_t i = 0; i < len / 2; ++i) {
                 int8_t b = static_cast<int8_t>(w[i]);
-                a[2 * i] += xv * static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
-                a[2 * i + 1] += xv * static_cast<float>(static_cast<int8_t>(b >> 4));
+                even[i] += xv * static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
+                odd[i] += xv * static_cast<float>(static_cast<int8_t>(b >> 4));
               }
               continue;
             }
@@ -262,6 +265,13 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
           }
         }
       }
+      }
+      if (split) {  // back to column order
+        std::copy(raw.begin(), raw.begin() + len, pbuf.begin());
+        for (int64_t i = 0; i < len / 2; ++i) {
+          raw[2 * i] = pbuf[i];
+          raw[2 * i + 1] = pbuf[len / 2 + i];
+        }
       }
       for (int64_t r = 0; r < m; ++r) {
         const float* __restrict a = raw.data() + r * len;

@@ -265,3 +265,33 @@ def test_missing_rank_times_out_with_an_error_not_a_hang(emu):
         for h, _ in four:
             ext.hccl_comm_destroy(h)
     assert emu.live_tensors() == 0 and emu.live_executors() == 0
+
+
+def test_root_info_goes_through_the_distributed_key_value_store(emu, monkeypatch):
+    """create_groups' cross-process exchange: the group's first process publishes the HCCL root
+    info under a key, the others read it (a dict stands in for jax.distributed's client)."""
+    from jax._src import distributed
+
+    store = {}
+
+    class FakeClient:
+        def key_value_set(self, key, value):
+            store[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            return store[key]
+
+    monkeypatch.setattr(distributed.global_state, "client", FakeClient())
+    ext = native.extension()
+    root = hccl._exchange_root_info(ext, "jax_wqmm/hccl/tp/0", is_root=True)
+    assert list(store) == ["jax_wqmm/hccl/tp/0"]
+    assert hccl._exchange_root_info(ext, "jax_wqmm/hccl/tp/0", is_root=False) == root
+    assert len(root) == 4108  # sizeof(HcclRootInfo)
+
+
+def test_create_groups_across_processes_needs_jax_distributed(emu, monkeypatch):
+    from jax._src import distributed
+
+    monkeypatch.setattr(distributed.global_state, "client", None)
+    with pytest.raises(RuntimeError, match="jax.distributed.initialize"):
+        hccl._exchange_root_info(native.extension(), "k", is_root=True)

@@ -104,7 +104,7 @@ def configure_cann(
             raise ValueError(f"library_names: unknown roles {sorted(unknown)}; "
                              f"the roles are {sorted(DEFAULT_LIBRARY_NAMES)}")
         _config["names"] = names
-        if "jax_wqmm._wqmm_ffi" in __import__("sys").modules:
+        if extension.cache_info().currsize:  # loaded before: drop it, the next use reloads
             extension().unload_cann()
 
 

@@ -51,7 +51,9 @@ def _make_operands(np, jnp, wq, case, tp, rng):
     # k is split over ranks: concatenate each rank's storage along its k dimension (NZ of a
     # transposed (n, k) matrix tiles k into columns and is only run with one rank).
     x2 = parts[0].data if tp == 1 else jnp.concatenate([p.data for p in parts], axis=x2_axis)
-    sharded_q = g is not None  # per-group scales split along k with the weight
+    # per-group scales split along k with the weight; a per-tensor / per-channel scale is one
+    # for all ranks (rank 0's: the check compares two paths on the same operands)
+    sharded_q = g is not None
     cat_q = lambda name: (jnp.concatenate([getattr(p, name) for p in parts]) if sharded_q
                           else getattr(parts[0], name))
     scale = cat_q("scale")
@@ -73,8 +75,10 @@ def run(args) -> int:
     from jax_wqmm import hccl, native, reference
 
     print("jax_wqmm selftest")
+    import jaxlib
+
     print(f"  python {_platform.python_version()}, jax {jax.__version__}, jaxlib "
-          f"{__import__('jaxlib').__version__}, jax_wqmm {wq.__version__}")
+          f"{jaxlib.__version__}, jax_wqmm {wq.__version__}")
     npu_platform = args.platform or native.NPU_PLATFORM
     try:
         npu_devices = jax.devices(npu_platform)

@@ -125,3 +125,15 @@ def test_reference_lowering_can_be_restored():
     finally:
         wqt.use_default()
     assert "custom_call" in _lowered(case)[1]
+
+
+def test_import_does_not_initialize_jax_backends():
+    """Registering the CPU kernel and probing for an NPU platform at import must leave JAX
+    configurable: users set jax_num_cpu_devices after importing jax_wqmm."""
+    code = ("import jax_wqmm, jax\n"
+            "jax.config.update('jax_num_cpu_devices', 3)\n"
+            "print(len(jax.devices()), jax_wqmm.cpu_kernel.isa())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "3"

@@ -20,11 +20,17 @@ from .formats import (
 
 __version__ = "0.1.0"
 
-# The native CPU kernel is the default CPU lowering when the extension is built; importing
-# never fails without it (the jnp reference then stays the CPU lowering).
+# The native CPU kernel is the default CPU lowering when the extension is built, and the
+# fused NPU lowering is registered when JAX knows the Ascend platform. Importing never fails
+# without the extension or CANN (CANN itself is loaded at the first NPU lowering).
 from . import cpu_kernel as _cpu_kernel
+from . import native as _native
 
 _cpu_kernel.register()
+try:
+    _native.register_npu_lowering()
+except _native.NativeExtensionError:  # pragma: no cover - an install without the extension
+    pass
 
 __all__ = [
     "weight_quant_matmul_all_reduce",

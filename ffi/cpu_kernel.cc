@@ -6,6 +6,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace jax_wqmm::cpu {
 namespace {
 
@@ -174,12 +178,62 @@ WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk
   }
 }
 
+#if defined(__x86_64__)
+#define WQMM_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+
+// The full 16-column blocks of a panel with AVX-512 BF16 dot products (bf16 activations only):
+// codes (small integers, exact in bf16) are paired along k, 16 columns per vector, and so is x
+// (bf16 input, exact); vdpbf16ps does two k per lane per instruction, accumulating in float32.
+// raw[r][j] = sum over the panel's rows of x[r][k] * code[k][j].
+WQMM_BF16_TARGET void PanelBf16(const Problem& p, const float* x, const float* codes, float* raw,
+                                int64_t r0, int64_t rows, int64_t len, int64_t full,
+                                std::vector<uint32_t>& pw, std::vector<uint32_t>& xp) {
+  const int64_t pairs = (rows + 1) / 2, m = p.m, mp = (m + 7) / 8 * 8;
+  pw.resize(pairs * full);
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const float* a = codes + 2 * kp * len;
+    const bool has_b = 2 * kp + 1 < rows;
+    for (int64_t j = 0; j < full; j += 16) {
+      __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + j)));
+      __m512i hi = has_b ? _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(
+                                                 _mm512_loadu_ps(a + len + j))), 16)
+                         : _mm512_setzero_si512();
+      _mm512_storeu_si512(pw.data() + kp * full + j, _mm512_or_si512(lo, hi));
+    }
+  }
+  xp.assign(mp * pairs, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t kk = 0; kk < rows; ++kk) {
+      uint32_t u;
+      std::memcpy(&u, &x[r * p.k + r0 + kk], 4);  // came from bf16: the top half is exact
+      xp[r * pairs + kk / 2] |= (u >> 16) << ((kk & 1) * 16);
+    }
+  }
+  for (int64_t r = 0; r < m; r += 8) {
+    for (int64_t j = 0; j < full; j += 16) {
+      __m512 acc[8];
+      for (int rr = 0; rr < 8; ++rr) acc[rr] = _mm512_setzero_ps();
+      for (int64_t kp = 0; kp < pairs; ++kp) {
+        const __m512i b = _mm512_loadu_si512(pw.data() + kp * full + j);
+        for (int rr = 0; rr < 8; ++rr) {
+          const __m512i a = _mm512_set1_epi32(static_cast<int>(xp[(r + rr) * pairs + kp]));
+          acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)a, (__m512bh)b);
+        }
+      }
+      for (int rr = 0; rr < 8 && r + rr < m; ++rr) _mm512_storeu_ps(raw + (r + rr) * len + j, acc[rr]);
+    }
+  }
+}
+#endif
+
 // Partial y (m x n, overwritten) over the k slice [k0, k1) of ND storage. Within a panel of
 // rows sharing one scale/offset row, y += s * (sum_k x q + offset * sum_k x): the codes are
 // read from memory once (panel by panel), and scaled once per panel, not per element.
-template <bool kInt4, bool kOffset>
+template <bool kInt4, bool kOffset, bool kBf16 = false>
 WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const float* x, float* y,
                               int64_t k0, int64_t k1) {
+  [[maybe_unused]] std::vector<uint32_t> pw, xp;
   const int64_t m = p.m, n = p.n;
   const int64_t panel = q.group ? std::min<int64_t>(kPanel, q.group & -q.group) : kPanel;
   // Few rows: whole rows at a time, so each thread streams its codes strictly sequentially.
@@ -241,9 +295,18 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
       // 4 rows of x by 16 columns of accumulators stay in registers across the panel.
       for (int64_t kk = r0; kk < r1; ++kk) CodesRowND<kInt4>(p, kk, j0, len, pbuf.data() + (kk - r0) * len);
       const int64_t full = len / kLanes * kLanes;
+      bool done = false;  // the full column blocks
+#if defined(__x86_64__)
+      if constexpr (kBf16) {
+        if (p.act == Float::kBF16) {
+          PanelBf16(p, x, pbuf.data(), raw.data(), r0, rows, len, full, pw, xp);
+          done = true;
+        }
+      }
+#endif
       for (int64_t r = 0; r < m; r += kRows) {
         const int64_t nr = std::min<int64_t>(kRows, m - r);
-        for (int64_t j = 0; j < full; j += kLanes) {
+        for (int64_t j = 0; j < (done ? 0 : full); j += kLanes) {
           float acc[kRows][kLanes] = {};
           for (int64_t kk = 0; kk < rows; ++kk) {
             const float* __restrict b = pbuf.data() + kk * len + j;
@@ -407,13 +470,23 @@ using RowsFn = void (*)(const Problem&, const QuantParams&, int64_t, int64_t);
     WQMM_DISPATCH(DequantRows, p, q, r0, r1);                                                 \
   }
 
+template <bool kInt4, bool kOffset>
+WQMM_INLINE void MatmulRowsNDWithBf16(const Problem& p, const QuantParams& q, const float* x,
+                                      float* y, int64_t k0, int64_t k1) {
+  MatmulRowsND<kInt4, kOffset, true>(p, q, x, y, k0, k1);
+}
+
 #if defined(__x86_64__)
+WQMM_BF16_TARGET void MatmulRowsNDAvx512Bf16(const Problem& p, const QuantParams& q,
+                                             const float* x, float* y, int64_t k0, int64_t k1) {
+  WQMM_DISPATCH(MatmulRowsNDWithBf16, p, q, x, y, k0, k1);
+}
 WQMM_WORKERS(Avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))))
 WQMM_WORKERS(Avx2, __attribute__((target("avx2,fma,f16c"))))
 #endif
 WQMM_WORKERS(Portable, )
 
-enum class IsaLevel { kPortable, kAvx2, kAvx512 };
+enum class IsaLevel { kPortable, kAvx2, kAvx512, kAvx512Bf16 };
 
 IsaLevel Detect() {
   static const IsaLevel level = [] {
@@ -425,10 +498,14 @@ IsaLevel Detect() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
       best = IsaLevel::kAvx512;
+    if (best == IsaLevel::kAvx512 && __builtin_cpu_supports("avx512bf16")) best = IsaLevel::kAvx512Bf16;
 #endif
     if (force) {
       std::string f(force);
-      IsaLevel want = f == "avx512" ? IsaLevel::kAvx512 : f == "avx2" ? IsaLevel::kAvx2 : IsaLevel::kPortable;
+      IsaLevel want = f == "avx512bf16" ? IsaLevel::kAvx512Bf16
+                      : f == "avx512"   ? IsaLevel::kAvx512
+                      : f == "avx2"     ? IsaLevel::kAvx2
+                                        : IsaLevel::kPortable;
       if (want < best) best = want;  // only ever downgrade
     }
     return best;
@@ -439,6 +516,7 @@ IsaLevel Detect() {
 ColsFn Cols() {
   switch (Detect()) {
 #if defined(__x86_64__)
+    case IsaLevel::kAvx512Bf16:
     case IsaLevel::kAvx512: return MatmulColsAvx512;
     case IsaLevel::kAvx2: return MatmulColsAvx2;
 #endif
@@ -449,6 +527,7 @@ ColsFn Cols() {
 PartialFn RowsND() {
   switch (Detect()) {
 #if defined(__x86_64__)
+    case IsaLevel::kAvx512Bf16: return MatmulRowsNDAvx512Bf16;
     case IsaLevel::kAvx512: return MatmulRowsNDAvx512;
     case IsaLevel::kAvx2: return MatmulRowsNDAvx2;
 #endif
@@ -459,6 +538,7 @@ PartialFn RowsND() {
 RowsFn Rows() {
   switch (Detect()) {
 #if defined(__x86_64__)
+    case IsaLevel::kAvx512Bf16:
     case IsaLevel::kAvx512: return DequantRowsAvx512;
     case IsaLevel::kAvx2: return DequantRowsAvx2;
 #endif
@@ -517,6 +597,7 @@ void Dequantize(const Problem& p) {
 
 std::string Isa() {
   switch (Detect()) {
+    case IsaLevel::kAvx512Bf16: return "avx512bf16";
     case IsaLevel::kAvx512: return "avx512";
     case IsaLevel::kAvx2: return "avx2";
     default: return "portable";

@@ -87,9 +87,9 @@ def register(platform: str = "cpu") -> bool:
 
 def unregister(platform: str = "cpu") -> None:
     """Back to the jnp reference lowering on ``platform``."""
-    from .primitive import wqmm_p
+    from .primitive import reference_lowering, wqmm_p
 
-    mlir.register_lowering(wqmm_p, native._reference_rule(), platform=platform)
+    mlir.register_lowering(wqmm_p, reference_lowering, platform=platform)
 
 
 def isa() -> str:

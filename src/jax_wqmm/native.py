@@ -197,20 +197,16 @@ def _warn_once(key, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-@functools.cache
-def _reference_rule():
-    from . import primitive
-    return mlir.lower_fun(primitive._reference_impl, multiple_results=False)
-
-
 def native_lowering(target: str):
     """A lowering rule: one custom call into ``target`` (the all-reduce inside it), or the
     reference lowering (matmul + XLA all-reduce) where the fused kernel cannot run."""
 
+    from .primitive import reference_lowering
+
     def rule(ctx, *operands, spec: WqmmSpec):
         if not spec.axis_name:
             # No reduction: the MC2 kernel has nothing to fuse; XLA's dequantize + dot runs.
-            return _reference_rule()(ctx, *operands, spec=spec)
+            return reference_lowering(ctx, *operands, spec=spec)
         sizes = _axis_sizes(ctx, spec.axis_name)
         world = math.prod(sizes)
         if world not in SUPPORTED_AXIS_SIZES:
@@ -218,7 +214,7 @@ def native_lowering(target: str):
                 f"jax_wqmm: axis_name={spec.axis_name} spans {world} devices; "
                 "aclnnWeightQuantMatmulAllReduce supports 1, 2, 4 or 8 ranks, so this call "
                 "falls back to the reference lowering (dequantize + matmul + XLA all-reduce)."))
-            return _reference_rule()(ctx, *operands, spec=spec)
+            return reference_lowering(ctx, *operands, spec=spec)
         load_cann()
         # has_side_effect: the custom call hides a collective, so XLA must run it on every
         # rank even where its result is unused (else the other ranks wait forever).

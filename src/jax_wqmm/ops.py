@@ -62,7 +62,7 @@ def weight_quant_matmul_all_reduce(
         transpose_x2=transpose_x2, x2_format=x2_format, x2_dtype=x2_dtype,
         reduce_op=reduce_op, comm_turn=comm_turn, stream_mode=stream_mode)
     if spec.axis_name:
-        unbound = primitive.check_axis_bound(spec.axis_name)
+        unbound = primitive.unbound_axes(spec.axis_name)
         if unbound:
             raise ConstraintError(
                 "axis_name", axis_name,

@@ -26,7 +26,7 @@ from jax._src import dispatch as _dispatch
 from . import reference
 from .spec import WqmmSpec, pack_operands, respec, unpack_operands
 
-__all__ = ["wqmm_p", "bind", "vma_of", "reconcile_varying"]
+__all__ = ["wqmm_p", "bind", "vma_of", "reconcile_varying", "unbound_axes", "reference_lowering"]
 
 wqmm_p = Primitive("weight_quant_matmul_all_reduce")
 
@@ -47,15 +47,20 @@ def reconcile_varying(operands, axis_name: tuple[str, ...]):
     """pcast every operand to the union of all varying axes and the shard_map axes of
     ``axis_name`` (so the reduction axis is varying, as ``lax.psum`` does for an invariant
     input). Axes bound by ``vmap(axis_name=...)`` carry no varying type and are left alone."""
-    manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
-    target = (frozenset(axis_name) & manual).union(*(vma_of(x) for x in operands))
+    target = _manual_axes(axis_name).union(*(vma_of(x) for x in operands))
     return tuple(
         lax.pcast(x, tuple(sorted(target - vma_of(x))), to="varying") if target - vma_of(x) else x
         for x in operands
     )
 
 
-def check_axis_bound(axis_name: tuple[str, ...]) -> list[str]:
+def _manual_axes(axis_name: tuple[str, ...]) -> frozenset:
+    """The names in ``axis_name`` that are manual (shard_map) axes here: the ones that carry
+    a varying type. Axes bound by ``vmap(axis_name=...)`` do not."""
+    return frozenset(axis_name) & frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def unbound_axes(axis_name: tuple[str, ...]) -> list[str]:
     """The names in ``axis_name`` that no enclosing shard_map / vmap binds."""
     env = _core.get_axis_env()
     return [a for a in axis_name if not env.axis_exists(a)]
@@ -81,7 +86,10 @@ def _reference_impl(*operands, spec: WqmmSpec):
     return reference.apply(*unpack_operands(spec, operands), spec)
 
 
-mlir.register_lowering(wqmm_p, mlir.lower_fun(_reference_impl, multiple_results=False))
+#: The jnp reference as a lowering rule: the default on every platform, and the fallback that
+#: the native lowerings use where the fused kernel cannot run.
+reference_lowering = mlir.lower_fun(_reference_impl, multiple_results=False)
+mlir.register_lowering(wqmm_p, reference_lowering)
 
 
 # ------------------------------------------------------------------------------ batching
@@ -177,8 +185,8 @@ def _transpose_rule(ct, *operands, spec: WqmmSpec):
     if type(ct) is ad.Zero:
         return cts
     # The transpose of the all-reduce: the cotangent becomes varying over the reduced axes.
-    missing = tuple(sorted(frozenset(spec.axis_name) - vma_of(ct)))
-    if missing and _core.get_axis_env().axis_exists(missing[0]) and _check_vma_enabled():
+    missing = tuple(sorted(_manual_axes(spec.axis_name) - vma_of(ct)))
+    if missing:
         ct = lax.pcast(ct, missing, to="varying")
     ct32 = ct.astype(jnp.float32)
     out = [None] * 6
@@ -193,11 +201,6 @@ def _transpose_rule(ct, *operands, spec: WqmmSpec):
         out[5] = ct.astype(x3.aval.dtype)
     present = [v is not None for v in (x1, x2, scale, offset, bias, x3)]
     return [o for o, p in zip(out, present) if p]
-
-
-def _check_vma_enabled() -> bool:
-    from jax._src import config
-    return bool(config._check_vma.value)
 
 
 ad.primitive_jvps[wqmm_p] = _jvp_rule

@@ -5,7 +5,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_wqmm as wq
 import oracle
@@ -158,3 +158,22 @@ def test_no_gradient_for_the_integer_weight():
     x1, x2, s = to_jax(case.args[:3])
     with pytest.raises(TypeError):
         jax.grad(lambda w: wq.weight_quant_matmul_all_reduce(x1, w, s).astype(jnp.float32).sum())(x2)
+
+
+def test_grad_inside_shard_map_without_check_vma_matches_with_it():
+    """With check_vma=False the all-reduce must still transpose like lax.psum (a psum of the
+    per-rank cotangent shares), not like the identity."""
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    case = make_case(np.random.default_rng(37), offset=True, bias=True, x3=True, act="float16",
+                     k=TP * 32, n=16, lead=(3,))
+    x1, x2, s, o, b, x3 = to_jax(case.args)
+    grads = {}
+    for check_vma in (True, False):
+        f = jax.shard_map(lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="tp"),
+                          mesh=mesh, in_specs=(P(None, "tp"), P("tp", None), P(), P(), P(), P()),
+                          out_specs=P(), check_vma=check_vma)
+        loss = lambda x1, s, o, b, x3: f(x1, x2, s, o, b, x3).astype(jnp.float32).sum()
+        grads[check_vma] = jax.jit(jax.grad(loss, argnums=range(5)))(x1, s, o, b, x3)
+    for name, a, b_ in zip(GRAD_ARGS, grads[True], grads[False]):
+        np.testing.assert_allclose(np.asarray(b_, np.float32), np.asarray(a, np.float32),
+                                   rtol=1e-2, atol=1e-2, err_msg=name)

@@ -21,6 +21,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax._src import core as _core  # NamedAxisEffect, axis env: as lax.psum uses them
+from jax._src import config as _config  # check_vma, as lax.psum reads it
 from jax._src import dispatch as _dispatch
 
 from . import reference
@@ -184,10 +185,16 @@ def _transpose_rule(ct, *operands, spec: WqmmSpec):
     cts = [None] * len(operands)
     if type(ct) is ad.Zero:
         return cts
-    # The transpose of the all-reduce: the cotangent becomes varying over the reduced axes.
-    missing = tuple(sorted(_manual_axes(spec.axis_name) - vma_of(ct)))
-    if missing:
-        ct = lax.pcast(ct, missing, to="varying")
+    # The transpose of the all-reduce, as lax.psum's: with varying types (check_vma=True) the
+    # cotangent becomes varying over the reduced axes; without them shard_map hands each rank
+    # 1/size of an unmapped output's cotangent, and the transpose is a psum.
+    axes = tuple(sorted(_manual_axes(spec.axis_name)))
+    if axes and _config._check_vma.value:
+        missing = tuple(a for a in axes if a not in vma_of(ct))
+        if missing:
+            ct = lax.pcast(ct, missing, to="varying")
+    elif axes:
+        ct = lax.psum(ct, axes)
     ct32 = ct.astype(jnp.float32)
     out = [None] * 6
     if ad.is_undefined_primal(x1):

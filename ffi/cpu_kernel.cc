@@ -182,14 +182,29 @@ WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk
 #define WQMM_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 
+// x[:, r0:r0+rows] as bf16 pairs along k (rows padded to a multiple of 8, odd k padded with
+// zero): xp[r * pairs + kp] = (x[r][r0 + 2kp], x[r][r0 + 2kp + 1]). Once per panel.
+WQMM_INLINE void PairX(const Problem& p, const float* x, int64_t r0, int64_t rows,
+                       std::vector<uint32_t>& xp) {
+  const int64_t pairs = (rows + 1) / 2, mp = (p.m + 7) / 8 * 8;
+  xp.assign(mp * pairs, 0);
+  for (int64_t r = 0; r < p.m; ++r) {
+    for (int64_t kk = 0; kk < rows; ++kk) {
+      uint32_t u;
+      std::memcpy(&u, &x[r * p.k + r0 + kk], 4);  // came from bf16: the top half is exact
+      xp[r * pairs + kk / 2] |= (u >> 16) << ((kk & 1) * 16);
+    }
+  }
+}
+
 // The full 16-column blocks of a panel with AVX-512 BF16 dot products (bf16 activations only):
 // codes (small integers, exact in bf16) are paired along k, 16 columns per vector, and so is x
 // (bf16 input, exact); vdpbf16ps does two k per lane per instruction, accumulating in float32.
 // raw[r][j] = sum over the panel's rows of x[r][k] * code[k][j].
-WQMM_BF16_TARGET void PanelBf16(const Problem& p, const float* x, const float* codes, float* raw,
-                                int64_t r0, int64_t rows, int64_t len, int64_t full,
-                                std::vector<uint32_t>& pw, std::vector<uint32_t>& xp) {
-  const int64_t pairs = (rows + 1) / 2, m = p.m, mp = (m + 7) / 8 * 8;
+WQMM_BF16_TARGET void PanelBf16(const Problem& p, const float* codes, float* raw, int64_t rows,
+                                int64_t len, int64_t full, std::vector<uint32_t>& pw,
+                                const std::vector<uint32_t>& xp) {
+  const int64_t pairs = (rows + 1) / 2, m = p.m;
   pw.resize(pairs * full);
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const float* a = codes + 2 * kp * len;
@@ -200,14 +215,6 @@ WQMM_BF16_TARGET void PanelBf16(const Problem& p, const float* x, const float* c
                                                  _mm512_loadu_ps(a + len + j))), 16)
                          : _mm512_setzero_si512();
       _mm512_storeu_si512(pw.data() + kp * full + j, _mm512_or_si512(lo, hi));
-    }
-  }
-  xp.assign(mp * pairs, 0);
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t kk = 0; kk < rows; ++kk) {
-      uint32_t u;
-      std::memcpy(&u, &x[r * p.k + r0 + kk], 4);  // came from bf16: the top half is exact
-      xp[r * pairs + kk / 2] |= (u >> 16) << ((kk & 1) * 16);
     }
   }
   for (int64_t r = 0; r < m; r += 8) {
@@ -251,6 +258,11 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
       for (int64_t kk = r0; kk < r1; ++kk) acc += x[r * p.k + kk];
       xs[r] = acc;
     }
+#if defined(__x86_64__)
+    if constexpr (kBf16) {
+      if (p.act == Float::kBF16 && m >= kRows) PairX(p, x, r0, r1 - r0, xp);
+    }
+#endif
     for (int64_t j0 = 0; j0 < n; j0 += block) {
       const int64_t len = std::min(block, n - j0), rows = r1 - r0;
       if (m < kRows) {  // decode: stream the codes straight into the accumulators
@@ -299,7 +311,7 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
 #if defined(__x86_64__)
       if constexpr (kBf16) {
         if (p.act == Float::kBF16) {
-          PanelBf16(p, x, pbuf.data(), raw.data(), r0, rows, len, full, pw, xp);
+          PanelBf16(p, pbuf.data(), raw.data(), rows, len, full, pw, xp);
           done = true;
         }
       }
@@ -351,6 +363,14 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
   }
 }
 
+// Dequantized W[kk, j] of transposed storage.
+template <bool kOffset>
+WQMM_INLINE float DequantT(const Problem& p, const QuantParams& q, int64_t j, int64_t kk) {
+  float v = CodeT(p, j, kk);
+  if constexpr (kOffset) v += q.offset_row(kk)[j];
+  return v * q.scale_row(kk)[j];
+}
+
 // Columns [c0, c1) of y for transposed storage: a dot product over k per column.
 template <bool kOffset>
 WQMM_INLINE void MatmulColsT(const Problem& p, const QuantParams& q, const float* x, float* y,
@@ -360,11 +380,7 @@ WQMM_INLINE void MatmulColsT(const Problem& p, const QuantParams& q, const float
     for (int64_t r = 0; r < p.m; ++r) y[r * p.n + j] = 0.0f;
     for (int64_t k0 = 0; k0 < p.k; k0 += kBlockK) {
       const int64_t k1 = std::min(p.k, k0 + kBlockK), len = k1 - k0;
-      for (int64_t kk = k0; kk < k1; ++kk) {
-        float v = CodeT(p, j, kk);
-        if constexpr (kOffset) v += q.offset_row(kk)[j];
-        buf[kk - k0] = v * q.scale_row(kk)[j];
-      }
+      for (int64_t kk = k0; kk < k1; ++kk) buf[kk - k0] = DequantT<kOffset>(p, q, j, kk);
       for (int64_t r = 0; r < p.m; ++r) {
         const float* __restrict xr = x + r * p.k + k0;
         const float* __restrict b = buf.data();
@@ -386,9 +402,7 @@ WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0,
     if (!p.transposed) {
       DequantRowND<kInt4, kOffset>(p, q, kk, c0, c1, buf.data());
     } else {
-      const float* s = q.scale_row(kk);
-      const float* o = q.offset_row(kk);
-      for (int64_t j = c0; j < c1; ++j) buf[j - c0] = (CodeT(p, j, kk) + (kOffset ? o[j] : 0.0f)) * s[j];
+      for (int64_t j = c0; j < c1; ++j) buf[j - c0] = DequantT<kOffset>(p, q, j, kk);
     }
     uint16_t* __restrict out = static_cast<uint16_t*>(p.out) + kk * width;
     const float* __restrict b = buf.data();
@@ -432,12 +446,6 @@ void ParallelFor(int64_t total, int64_t align, int threads, F&& body) {
   for (auto& th : pool) th.join();
 }
 
-template <bool kInt4, bool kOffset>
-WQMM_INLINE void MatmulCols(const Problem& p, const QuantParams& q, const float* x, float* y,
-                            int64_t c0, int64_t c1) {
-  MatmulColsT<kOffset>(p, q, x, y, c0, c1);
-}
-
 #define WQMM_DISPATCH(Impl, p, ...)                                              \
   do {                                                                           \
     if ((p).int4) {                                                              \
@@ -459,7 +467,8 @@ using RowsFn = void (*)(const Problem&, const QuantParams&, int64_t, int64_t);
 #define WQMM_WORKERS(suffix, attr)                                                            \
   attr void MatmulCols##suffix(const Problem& p, const QuantParams& q, const float* x,        \
                                float* y, int64_t c0, int64_t c1) {                            \
-    WQMM_DISPATCH(MatmulCols, p, q, x, y, c0, c1);                                            \
+    if (p.offset) MatmulColsT<true>(p, q, x, y, c0, c1);                                      \
+    else MatmulColsT<false>(p, q, x, y, c0, c1);                                              \
   }                                                                                           \
   attr void MatmulRowsND##suffix(const Problem& p, const QuantParams& q, const float* x,      \
                                  float* y, int64_t k0, int64_t k1) {                          \

@@ -6,6 +6,8 @@
 #include <thread>
 #include <vector>
 
+#include "decode_bf16.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -178,69 +180,12 @@ WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk
   }
 }
 
-#if defined(__x86_64__)
-#define WQMM_BF16_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
-
-// x[:, r0:r0+rows] as bf16 pairs along k (rows padded to a multiple of 8, odd k padded with
-// zero): xp[r * pairs + kp] = (x[r][r0 + 2kp], x[r][r0 + 2kp + 1]). Once per panel.
-WQMM_INLINE void PairX(const Problem& p, const float* x, int64_t r0, int64_t rows,
-                       std::vector<uint32_t>& xp) {
-  const int64_t pairs = (rows + 1) / 2, mp = (p.m + 7) / 8 * 8;
-  xp.assign(mp * pairs, 0);
-  for (int64_t r = 0; r < p.m; ++r) {
-    for (int64_t kk = 0; kk < rows; ++kk) {
-      uint32_t u;
-      std::memcpy(&u, &x[r * p.k + r0 + kk], 4);  // came from bf16: the top half is exact
-      xp[r * pairs + kk / 2] |= (u >> 16) << ((kk & 1) * 16);
-    }
-  }
-}
-
-// The full 16-column blocks of a panel with AVX-512 BF16 dot products (bf16 activations only):
-// codes (small integers, exact in bf16) are paired along k, 16 columns per vector, and so is x
-// (bf16 input, exact); vdpbf16ps does two k per lane per instruction, accumulating in float32.
-// raw[r][j] = sum over the panel's rows of x[r][k] * code[k][j].
-WQMM_BF16_TARGET void PanelBf16(const Problem& p, const float* codes, float* raw, int64_t rows,
-                                int64_t len, int64_t full, std::vector<uint32_t>& pw,
-                                const std::vector<uint32_t>& xp) {
-  const int64_t pairs = (rows + 1) / 2, m = p.m;
-  pw.resize(pairs * full);
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    const float* a = codes + 2 * kp * len;
-    const bool has_b = 2 * kp + 1 < rows;
-    for (int64_t j = 0; j < full; j += 16) {
-      __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + j)));
-      __m512i hi = has_b ? _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(
-                                                 _mm512_loadu_ps(a + len + j))), 16)
-                         : _mm512_setzero_si512();
-      _mm512_storeu_si512(pw.data() + kp * full + j, _mm512_or_si512(lo, hi));
-    }
-  }
-  for (int64_t r = 0; r < m; r += 8) {
-    for (int64_t j = 0; j < full; j += 16) {
-      __m512 acc[8];
-      for (int rr = 0; rr < 8; ++rr) acc[rr] = _mm512_setzero_ps();
-      for (int64_t kp = 0; kp < pairs; ++kp) {
-        const __m512i b = _mm512_loadu_si512(pw.data() + kp * full + j);
-        for (int rr = 0; rr < 8; ++rr) {
-          const __m512i a = _mm512_set1_epi32(static_cast<int>(xp[(r + rr) * pairs + kp]));
-          acc[rr] = _mm512_dpbf16_ps(acc[rr], (__m512bh)a, (__m512bh)b);
-        }
-      }
-      for (int rr = 0; rr < 8 && r + rr < m; ++rr) _mm512_storeu_ps(raw + (r + rr) * len + j, acc[rr]);
-    }
-  }
-}
-#endif
-
 // Partial y (m x n, overwritten) over the k slice [k0, k1) of ND storage. Within a panel of
 // rows sharing one scale/offset row, y += s * (sum_k x q + offset * sum_k x): the codes are
 // read from memory once (panel by panel), and scaled once per panel, not per element.
-template <bool kInt4, bool kOffset, bool kBf16 = false>
+template <bool kInt4, bool kOffset>
 WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const float* x, float* y,
                               int64_t k0, int64_t k1) {
-  [[maybe_unused]] std::vector<uint32_t> pw, xp;
   const int64_t m = p.m, n = p.n;
   const int64_t panel = q.group ? std::min<int64_t>(kPanel, q.group & -q.group) : kPanel;
   // Few rows: whole rows at a time, so each thread streams its codes strictly sequentially.
@@ -258,11 +203,6 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
       for (int64_t kk = r0; kk < r1; ++kk) acc += x[r * p.k + kk];
       xs[r] = acc;
     }
-#if defined(__x86_64__)
-    if constexpr (kBf16) {
-      if (p.act == Float::kBF16 && m >= kRows) PairX(p, x, r0, r1 - r0, xp);
-    }
-#endif
     for (int64_t j0 = 0; j0 < n; j0 += block) {
       const int64_t len = std::min(block, n - j0), rows = r1 - r0;
       if (m < kRows) {  // decode: stream the codes straight into the accumulators
@@ -307,18 +247,9 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
       // 4 rows of x by 16 columns of accumulators stay in registers across the panel.
       for (int64_t kk = r0; kk < r1; ++kk) CodesRowND<kInt4>(p, kk, j0, len, pbuf.data() + (kk - r0) * len);
       const int64_t full = len / kLanes * kLanes;
-      bool done = false;  // the full column blocks
-#if defined(__x86_64__)
-      if constexpr (kBf16) {
-        if (p.act == Float::kBF16) {
-          PanelBf16(p, pbuf.data(), raw.data(), rows, len, full, pw, xp);
-          done = true;
-        }
-      }
-#endif
       for (int64_t r = 0; r < m; r += kRows) {
         const int64_t nr = std::min<int64_t>(kRows, m - r);
-        for (int64_t j = 0; j < (done ? 0 : full); j += kLanes) {
+        for (int64_t j = 0; j < full; j += kLanes) {
           float acc[kRows][kLanes] = {};
           for (int64_t kk = 0; kk < rows; ++kk) {
             const float* __restrict b = pbuf.data() + kk * len + j;
@@ -479,17 +410,7 @@ using RowsFn = void (*)(const Problem&, const QuantParams&, int64_t, int64_t);
     WQMM_DISPATCH(DequantRows, p, q, r0, r1);                                                 \
   }
 
-template <bool kInt4, bool kOffset>
-WQMM_INLINE void MatmulRowsNDWithBf16(const Problem& p, const QuantParams& q, const float* x,
-                                      float* y, int64_t k0, int64_t k1) {
-  MatmulRowsND<kInt4, kOffset, true>(p, q, x, y, k0, k1);
-}
-
 #if defined(__x86_64__)
-WQMM_BF16_TARGET void MatmulRowsNDAvx512Bf16(const Problem& p, const QuantParams& q,
-                                             const float* x, float* y, int64_t k0, int64_t k1) {
-  WQMM_DISPATCH(MatmulRowsNDWithBf16, p, q, x, y, k0, k1);
-}
 WQMM_WORKERS(Avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))))
 WQMM_WORKERS(Avx2, __attribute__((target("avx2,fma,f16c"))))
 #endif
@@ -536,7 +457,7 @@ ColsFn Cols() {
 PartialFn RowsND() {
   switch (Detect()) {
 #if defined(__x86_64__)
-    case IsaLevel::kAvx512Bf16: return MatmulRowsNDAvx512Bf16;
+    case IsaLevel::kAvx512Bf16:  // bf16 activations mostly take DecodeBf16 (decode_bf16.h)
     case IsaLevel::kAvx512: return MatmulRowsNDAvx512;
     case IsaLevel::kAvx2: return MatmulRowsNDAvx2;
 #endif
@@ -555,31 +476,43 @@ RowsFn Rows() {
   }
 }
 
+// Rows of ND storage are contiguous: split k, each thread streams its rows once into a partial
+// y of its own (rows(out, k0, k1)), then the partials are summed into y.
+template <typename F>
+void SplitK(const Problem& p, int64_t group, int threads, float* y, F&& rows) {
+  const int64_t align = group ? std::max<int64_t>(group, kPanel) : kPanel;
+  const int64_t per = ((p.k + threads - 1) / threads + align - 1) / align * align;
+  const int parts = static_cast<int>((p.k + per - 1) / per);
+  std::vector<std::vector<float>> partial(parts > 1 ? parts - 1 : 0, std::vector<float>(p.m * p.n));
+  ParallelFor(parts, 1, parts, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) rows(t == 0 ? y : partial[t - 1].data(), t * per, std::min(p.k, (t + 1) * per));
+  });
+  for (const auto& part : partial) {
+    for (int64_t i = 0; i < p.m * p.n; ++i) y[i] += part[i];
+  }
+}
+
 }  // namespace
 
 void Matmul(const Problem& p) {
-  QuantParams q = MakeQuantParams(p);
-  std::vector<float> x(p.m * p.k), y(p.m * p.n);
-  ToF32(p.x1, p.act, p.m * p.k, x.data());
+  std::vector<float> y(p.m * p.n);
   const int threads = Threads(p.m * p.k * p.n);
-  if (p.transposed) {  // columns are contiguous along k: split the columns
-    const ColsFn cols = Cols();
-    ParallelFor(p.n, 64, threads,
-                [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y.data(), c0, c1); });
-  } else {  // rows are contiguous: split k, each thread streams its rows once, then sum
-    const PartialFn rows = RowsND();
-    const int64_t align = q.group ? std::max<int64_t>(q.group, kPanel) : kPanel;
-    const int64_t per = ((p.k + threads - 1) / threads + align - 1) / align * align;
-    const int parts = static_cast<int>((p.k + per - 1) / per);
-    std::vector<std::vector<float>> partial(parts > 1 ? parts - 1 : 0, std::vector<float>(p.m * p.n));
-    ParallelFor(parts, 1, parts, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        float* out = t == 0 ? y.data() : partial[t - 1].data();
-        rows(p, q, x.data(), out, t * per, std::min(p.k, (t + 1) * per));
-      }
-    });
-    for (const auto& part : partial) {
-      for (int64_t i = 0; i < p.m * p.n; ++i) y[i] += part[i];
+  if (!p.transposed && Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p)) {
+    const std::vector<uint32_t> xp = PairActivations(p);
+    SplitK(p, p.group_size, threads, y.data(),
+           [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
+  } else {
+    QuantParams q = MakeQuantParams(p);
+    std::vector<float> x(p.m * p.k);
+    ToF32(p.x1, p.act, p.m * p.k, x.data());
+    if (p.transposed) {  // columns are contiguous along k: split the columns
+      const ColsFn cols = Cols();
+      ParallelFor(p.n, 64, threads,
+                  [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y.data(), c0, c1); });
+    } else {
+      const PartialFn rows = RowsND();
+      SplitK(p, q.group, threads, y.data(),
+             [&](float* out, int64_t k0, int64_t k1) { rows(p, q, x.data(), out, k0, k1); });
     }
   }
   std::vector<float> bias;

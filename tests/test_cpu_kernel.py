@@ -56,6 +56,34 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
     oracle.assert_close(y, expected, mag, act)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
+@pytest.mark.parametrize("wd,n", [("int8", 37), ("int4", 70)])
+@pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 32),
+                                    ("per_group", 96)])
+@pytest.mark.parametrize("off", [False, True])
+def test_bf16_decode_kernel(m, wd, n, gran, g, off):
+    """ND weights with bfloat16 activations: on AVX-512 BF16 machines the dot-product kernel
+    (codes converted tile by tile for int4 with m <= 2, else a panel's pairs built first). k = 417
+    is odd and leaves groups of 96 split over panels; n is not a multiple of the 32-column tile."""
+    case = make_case(np.random.default_rng(m * 7 + len(gran)), weight_dtype=wd, granularity=gran,
+                     offset=off, bias=True, x3=True, lead=(m,), k=417, n=n, group_size=g or 64)
+    f, text = _lowered(case)
+    assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
+    expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
+    oracle.assert_close(f(*to_jax(case.args)), expected, mag, "bfloat16")
+
+
+@pytest.mark.parametrize("m,wd", [(1, "int4"), (16, "int8"), (16, "int4")])
+def test_bf16_decode_kernel_wide_n(m, wd):
+    """n = 8224: the built panels shrink to 16 rows (so groups of 96 span six panels) and the
+    last tile is ragged."""
+    case = make_case(np.random.default_rng(m), weight_dtype=wd, granularity="per_group",
+                     offset=True, lead=(m,), k=288, n=8224, group_size=96)
+    y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
+    expected, mag = oracle.wqmm([case.oracle], 96, wd)
+    oracle.assert_close(y, expected, mag, "bfloat16")
+
+
 @pytest.mark.parametrize("m,k,n,g", [(3, 4096, 96, 128), (3, 1000, 130, 96), (3, 33, 1, 32),
                                      (20, 4096, 1100, 128), (40, 2048, 1537, 64)])
 def test_wide_and_narrow_shapes(m, k, n, g):

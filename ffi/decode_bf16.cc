@@ -1,0 +1,312 @@
+#include "decode_bf16.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace jax_wqmm::cpu {
+
+bool DecodeBf16Covers(const Problem& p) {
+#if defined(__x86_64__)
+  // int4 rows must start on a byte (even n). One row of int8 streams faster through the float
+  // FMA loop of cpu_kernel.cc (fewer instructions per code than building bf16 pairs).
+  return p.act == Float::kBF16 && !p.transposed && (p.int4 ? p.n % 2 == 0 : p.m > 1);
+#else
+  return false;
+#endif
+}
+
+std::vector<uint32_t> PairActivations(const Problem& p) {
+  const int64_t pairs = (p.k + 1) / 2;
+  std::vector<uint32_t> xp(p.m * pairs, 0);
+  for (int64_t r = 0; r < p.m; ++r) {
+    std::memcpy(xp.data() + r * pairs, static_cast<const uint16_t*>(p.x1) + r * p.k, p.k * 2);
+  }
+  return xp;
+}
+
+#if defined(__x86_64__)
+namespace {
+
+#define WQMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define WQMM_INLINE inline __attribute__((always_inline))
+
+// A panel is a run of rows of W inside one group; its sums go through memory (raw, m x n)
+// once. Two ways to feed the dot products:
+// - direct (int4 with at most kDirectRows rows of x): each tile converts its codes as it
+//   goes; panels of kDirectPanel rows keep the read streams few and raw in L1;
+// - built (everything else): the panel's pairs are converted once, two rows of W at a time,
+//   into a buffer that every block of x rows reads. Panels are as long as keep that buffer
+//   (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
+constexpr int64_t kDirectRows = 2, kDirectPanel = 16;
+int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
+constexpr int64_t kTile = 32;   // columns per tile: two vectors of accumulators per row of x
+constexpr int kBlock = 8;       // rows of x per register block: 16 accumulators
+
+// bf16 bits of the int4 code (i & 15) in two's complement, twice: vpermw reads five bits of
+// the index, and the fifth is the next nibble's lowest bit.
+alignas(64) constexpr uint16_t kInt4Bf16[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+
+WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
+  return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
+}
+
+// The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, from rows a (k) and b (k + 1)
+// at the tile's first column, as two vectors of 16 lanes. Lane order: int8, columns j..j+15
+// then j+16..j+31; int4, the even columns then the odd ones (ColumnOrder restores it).
+// cols < 32 only at the ragged end (masked loads: zero codes).
+template <bool kInt4>
+WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, __m512i out[2]) {
+  if constexpr (!kInt4) {
+    const __mmask32 mask = cols >= 32 ? ~__mmask32{0} : (__mmask32{1} << cols) - 1;
+    const __m256i va = _mm256_maskz_loadu_epi8(mask, a), vb = _mm256_maskz_loadu_epi8(mask, b);
+    // an int8 is exact in bf16: a float's top half is its bf16; row k low, k + 1 high
+    const __m512i tops = _mm512_set_epi16(63, 31, 61, 29, 59, 27, 57, 25, 55, 23, 53, 21, 51, 19, 49, 17,
+                                          47, 15, 45, 13, 43, 11, 41, 9, 39, 7, 37, 5, 35, 3, 33, 1);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i ha = h ? _mm256_extracti128_si256(va, 1) : _mm256_castsi256_si128(va);
+      const __m128i hb = h ? _mm256_extracti128_si256(vb, 1) : _mm256_castsi256_si128(vb);
+      const __m512i fa = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ha)));
+      const __m512i fb = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hb)));
+      out[h] = _mm512_permutex2var_epi16(fa, tops, fb);
+    }
+  } else {
+    const __mmask16 mask = cols >= 32 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (cols / 2)) - 1);
+    const __m128i va = _mm_maskz_loadu_epi8(mask, a), vb = _mm_maskz_loadu_epi8(mask, b);
+    // bytes a0 b0 a1 b1 ..., byte a_i holding columns 2i (low nibble) and 2i + 1 (high)
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(va, vb)),
+                                              _mm_unpackhi_epi8(va, vb), 1);
+    const __m512i w = _mm512_cvtepu8_epi16(v);
+    const __m512i lut = _mm512_load_si512(kInt4Bf16);
+    out[0] = _mm512_permutexvar_epi16(w, lut);                         // columns j + 2i
+    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);  // columns j + 2i + 1
+  }
+}
+
+// int4 lanes (even columns, odd columns) back to column order.
+WQMM_BF16 WQMM_INLINE void ColumnOrder(__m512 v[2]) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512 even = v[0], odd = v[1];
+  v[0] = _mm512_permutex2var_ps(even, lo, odd);
+  v[1] = _mm512_permutex2var_ps(even, hi, odd);
+}
+
+WQMM_BF16 WQMM_INLINE __m512 LoadBf16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+float Bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// What a panel does with its sums: the first panel of a group stores them, the middle ones
+// add, the last folds raw + sums into y with the group's scale and offset:
+// y += s * (sum_k x q + o * sum_k x).
+enum class Mode { kStore, kAdd, kFold, kFoldRaw };
+
+struct Group {
+  const uint16_t* scale = nullptr;   // bf16 row (n) of this group; null: per tensor (s0)
+  const uint16_t* offset = nullptr;  // bf16 row (n); null: per tensor (o0) or no offset
+  float s0 = 0, o0 = 0;
+  bool has_offset = false;
+  const float* xs = nullptr;  // (m,) sum of x over the group's rows
+};
+
+struct Tile {
+  const uint8_t* w;        // W at (first row of the panel, first column of the tile)
+  int64_t stride;          // bytes per row of W
+  int64_t rows, cols;      // rows of the panel, columns of the tile (<= 32)
+  const __m512i* pairs;    // the tile's first pair in the panel's built pairs, or null
+  int64_t pair_stride;     // vectors from one pair to the next in pairs
+  const uint32_t* xp;      // x pairs of the block's first row at the panel's first pair
+  int64_t kpairs;          // x pairs per row
+};
+
+struct Out {
+  Mode mode;
+  const Group* g;
+  float *raw, *y;          // (m, n) each
+  int64_t n, r, j;         // first row of the block, first column of the tile
+};
+
+template <bool kInt4, int MR, bool kBuilt>
+WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
+  __m512 acc[MR][2];
+  for (int rr = 0; rr < MR; ++rr) acc[rr][0] = acc[rr][1] = _mm512_setzero_ps();
+  const int64_t pairs = (t.rows + 1) / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512i b[2];
+    if constexpr (kBuilt) {
+      b[0] = t.pairs[kp * t.pair_stride];
+      b[1] = t.pairs[kp * t.pair_stride + 1];
+    } else {  // an odd last row pairs with itself; its x partner is the zero padding
+      const uint8_t* a = t.w + 2 * kp * t.stride;
+      PairCodes<kInt4>(a, 2 * kp + 1 < t.rows ? a + t.stride : a, t.cols, b);
+    }
+#pragma GCC unroll 8
+    for (int rr = 0; rr < MR; ++rr) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(t.xp[rr * t.kpairs + kp]));
+      acc[rr][0] = _mm512_dpbf16_ps(acc[rr][0], x, (__m512bh)b[0]);
+      acc[rr][1] = _mm512_dpbf16_ps(acc[rr][1], x, (__m512bh)b[1]);
+    }
+  }
+  const __mmask16 mk[2] = {LaneMask(t.cols), LaneMask(t.cols - 16)};
+  const Group& g = *o.g;
+  __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, off[2] = {s[0], s[1]};
+  if (o.mode == Mode::kFold || o.mode == Mode::kFoldRaw) {
+    for (int h = 0; h < 2; ++h) {
+      s[h] = g.scale ? LoadBf16(g.scale + o.j + 16 * h, mk[h]) : _mm512_set1_ps(g.s0);
+      off[h] = g.offset ? LoadBf16(g.offset + o.j + 16 * h, mk[h]) : _mm512_set1_ps(g.o0);
+    }
+  }
+  for (int rr = 0; rr < MR; ++rr) {
+    __m512 v[2] = {acc[rr][0], acc[rr][1]};
+    if constexpr (kInt4) ColumnOrder(v);
+    float* raw = o.raw + (o.r + rr) * o.n + o.j;
+    float* y = o.y + (o.r + rr) * o.n + o.j;
+    for (int h = 0; h < 2; ++h) {
+      switch (o.mode) {
+        case Mode::kStore:
+          _mm512_mask_storeu_ps(raw + 16 * h, mk[h], v[h]);
+          break;
+        case Mode::kAdd:
+          _mm512_mask_storeu_ps(raw + 16 * h, mk[h], _mm512_add_ps(_mm512_maskz_loadu_ps(mk[h], raw + 16 * h), v[h]));
+          break;
+        case Mode::kFoldRaw:
+          v[h] = _mm512_add_ps(_mm512_maskz_loadu_ps(mk[h], raw + 16 * h), v[h]);
+          [[fallthrough]];
+        case Mode::kFold:
+          if (g.has_offset) v[h] = _mm512_fmadd_ps(off[h], _mm512_set1_ps(g.xs[o.r + rr]), v[h]);
+          _mm512_mask_storeu_ps(y + 16 * h, mk[h],
+                                _mm512_fmadd_ps(s[h], v[h], _mm512_maskz_loadu_ps(mk[h], y + 16 * h)));
+          break;
+      }
+    }
+  }
+}
+
+template <bool kInt4, bool kBuilt>
+WQMM_BF16 WQMM_INLINE void Rows(int64_t mr, const Tile& t, const Out& o) {
+  if constexpr (!kBuilt) {  // direct: int4, at most kDirectRows rows of x
+    static_assert(kInt4 && kDirectRows == 2);
+    return mr == 1 ? Block<kInt4, 1, false>(t, o) : Block<kInt4, 2, false>(t, o);
+  }
+  switch (mr) {
+    case 1: return Block<kInt4, 1, kBuilt>(t, o);
+    case 2: return Block<kInt4, 2, kBuilt>(t, o);
+    case 3: return Block<kInt4, 3, kBuilt>(t, o);
+    case 4: return Block<kInt4, 4, kBuilt>(t, o);
+    case 5: return Block<kInt4, 5, kBuilt>(t, o);
+    case 6: return Block<kInt4, 6, kBuilt>(t, o);
+    case 7: return Block<kInt4, 7, kBuilt>(t, o);
+    default: return Block<kInt4, 8, kBuilt>(t, o);
+  }
+}
+
+// Rows [r0, r0 + rows) of W (one panel, inside one group) against all columns. With many rows
+// of x the panel's pairs are built first, two rows of W at a time (two sequential read
+// streams), into buf, and every block of x rows reads them from there (L2); with few, each
+// tile converts its codes as it goes.
+template <bool kInt4>
+WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t rows, Mode mode,
+                     const Group& g, float* raw, float* y, __m512i* buf /* null: direct */) {
+  const int64_t stride = kInt4 ? p.n / 2 : p.n, kpairs = (p.k + 1) / 2;
+  const int64_t tiles = (p.n + kTile - 1) / kTile, pairs = (rows + 1) / 2;
+  const uint8_t* w0 = p.x2 + r0 * stride;
+  const bool build = buf != nullptr;
+  for (int64_t kp = 0; kp < (build ? pairs : 0); ++kp) {
+    const uint8_t* a = w0 + 2 * kp * stride;
+    const uint8_t* b = 2 * kp + 1 < rows ? a + stride : a;  // an odd last row pairs with itself
+    for (int64_t jt = 0; jt < tiles; ++jt) {
+      const int64_t j = jt * kTile, at = kInt4 ? j / 2 : j;
+      PairCodes<kInt4>(a + at, b + at, std::min(kTile, p.n - j), buf + 2 * (kp * tiles + jt));
+    }
+  }
+  for (int64_t jt = 0; jt < tiles; ++jt) {
+    const int64_t j = jt * kTile;
+    const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
+                 build ? buf + 2 * jt : nullptr, 2 * tiles, xp + r0 / 2, kpairs};
+    for (int64_t r = 0; r < p.m; r += kBlock) {
+      Tile tr = t;
+      tr.xp = t.xp + r * kpairs;
+      const Out o{mode, &g, raw, y, p.n, r, j};
+      const int64_t mr = std::min<int64_t>(kBlock, p.m - r);
+      if constexpr (kInt4) {
+        if (!build) {
+          Rows<kInt4, false>(mr, tr, o);
+          continue;
+        }
+      }
+      Rows<kInt4, true>(mr, tr, o);
+    }
+  }
+}
+
+template <bool kInt4>
+WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
+  const int64_t m = p.m, n = p.n;
+  std::fill(y, y + m * n, 0.0f);
+  const int64_t span = p.group_size ? p.group_size : k1 - k0;
+  const bool direct = kInt4 && m <= kDirectRows;
+  const int64_t panel = direct ? kDirectPanel : BuiltPanel(n);
+  std::vector<float> raw(span > panel ? m * n : 0), xs(m);
+  struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
+  std::vector<Vector> built(direct ? 0 : panel * ((n + kTile - 1) / kTile));
+  auto* buf = direct ? nullptr : reinterpret_cast<__m512i*>(built.data());
+  const auto* scale = static_cast<const uint16_t*>(p.scale);
+  const auto* offset = static_cast<const uint16_t*>(p.offset);
+  const bool per_tensor = p.group_size == 0 && p.scale_count == 1;
+  const auto* x1 = static_cast<const uint16_t*>(p.x1);
+  for (int64_t g0 = k0; g0 < k1; g0 += span) {
+    const int64_t g1 = std::min(k1, g0 + span), row = p.group_size ? g0 / p.group_size * n : 0;
+    Group g;
+    g.has_offset = offset != nullptr;
+    if (per_tensor) {
+      g.s0 = Bf16(scale[0]);
+      g.o0 = offset ? Bf16(offset[0]) : 0.0f;
+    } else {
+      g.scale = scale + row;
+      g.offset = offset ? offset + row : nullptr;
+    }
+    if (offset) {
+      for (int64_t r = 0; r < m; ++r) {
+        float sum = 0.0f;
+        for (int64_t kk = g0; kk < g1; ++kk) sum += Bf16(x1[r * p.k + kk]);
+        xs[r] = sum;
+      }
+      g.xs = xs.data();
+    }
+    for (int64_t r0 = g0; r0 < g1; r0 += panel) {
+      const int64_t rows = std::min(panel, g1 - r0);
+      const bool first = r0 == g0, last = r0 + rows == g1;
+      const Mode mode = first && last ? Mode::kFold : first ? Mode::kStore : last ? Mode::kFoldRaw : Mode::kAdd;
+      Panel<kInt4>(p, xp, r0, rows, mode, g, raw.data(), y, buf);
+    }
+  }
+}
+
+}  // namespace
+
+void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
+  if (p.int4) Decode<true>(p, xp, y, k0, k1);
+  else Decode<false>(p, xp, y, k0, k1);
+}
+
+#else
+
+void DecodeBf16(const Problem&, const uint32_t*, float*, int64_t, int64_t) {}
+
+#endif
+
+}  // namespace jax_wqmm::cpu

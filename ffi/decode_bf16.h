@@ -1,0 +1,28 @@
+// The decode kernel for bf16 activations on CPUs with AVX-512 BF16: y = x1 @ W over a k
+// slice, W in ND storage (int8, or packed int4 with an even n). The integer codes go straight
+// from memory into bf16 pairs along k (exact: |code| <= 128), and so do the bf16 activations,
+// so one vdpbf16ps does two k of sixteen columns; scale and offset are applied once per group.
+#ifndef JAX_WQMM_DECODE_BF16_H_
+#define JAX_WQMM_DECODE_BF16_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernel.h"
+
+namespace jax_wqmm::cpu {
+
+// Whether DecodeBf16 takes p, and is the faster kernel for it (on a CPU with AVX-512 BF16:
+// the caller checks the ISA).
+bool DecodeBf16Covers(const Problem& p);
+
+// x1 (m, k) bf16 as pairs along k, (m, ceil(k / 2)) uint32, an odd k padded with a zero.
+std::vector<uint32_t> PairActivations(const Problem& p);
+
+// y (m, n), overwritten = x1[:, k0:k1] @ ((x2 + offset) * scale)[k0:k1, :], in float32.
+// k0 is a multiple of the group size (per-group) or of 16; xp comes from PairActivations.
+void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1);
+
+}  // namespace jax_wqmm::cpu
+
+#endif  // JAX_WQMM_DECODE_BF16_H_

@@ -2,7 +2,10 @@
 // stays an XLA psum on CPU) and the dequantize-only kernel used for large m.
 #include "cpu_handler.h"
 
+#include <atomic>
+#include <memory>
 #include <string>
+#include <thread>
 
 #include "cpu_kernel.h"
 #include "wqmm_attrs.h"
@@ -42,7 +45,38 @@ ffi::Error FillWeight(cpu::Problem& p, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
+// The kernels' workers on XLA's FFI thread pool (the cores XLA gives the CPU client). The
+// caller drains tasks too and then waits only for tasks already running, never for one still
+// queued: no deadlock when every pool thread is busy (or when there is no pool and Schedule
+// runs the closure inline). A closure that starts after all tasks are claimed does nothing.
+cpu::Workers PoolWorkers(ffi::ThreadPool pool) {
+  const int64_t n = pool.num_threads();
+  if (n <= 0) return cpu::OwnThreads();  // this runtime gives no pool
+  cpu::Workers w;
+  w.threads = static_cast<int>(n);
+  w.run = [pool](int tasks, const std::function<void(int)>& body) mutable {
+    struct Job {
+      std::atomic<int> next{0}, done{0};
+      int tasks;
+      const std::function<void(int)>* body;
+    };
+    auto job = std::make_shared<Job>();
+    job->tasks = tasks;
+    job->body = &body;
+    auto drain = [](Job& j) {
+      for (int t; (t = j.next.fetch_add(1)) < j.tasks;) {
+        (*j.body)(t);
+        j.done.fetch_add(1, std::memory_order_release);
+      }
+    };
+    for (int t = 1; t < tasks; ++t) pool.Schedule([job, drain] { drain(*job); });
+    drain(*job);
+    while (job->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+  };
+  return w;
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                       ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
   const Attrs a = WQMM_ATTRS;
   size_t i = 0;
@@ -71,11 +105,11 @@ ffi::Error MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale
     p.x3_dtype = *t;
   }
   p.out = out->untyped_data();
-  cpu::Matmul(p);
+  cpu::Matmul(p, PoolWorkers(pool));
   return ffi::Error::Success();
 }
 
-ffi::Error DequantizeImpl(ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
+ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
                           ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS, int64_t col_begin,
                           int64_t col_end) {
   const Attrs a = WQMM_ATTRS;
@@ -93,17 +127,19 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::Remainin
   p.col_begin = col_begin;
   p.col_end = col_end;
   p.out = out->untyped_data();
-  cpu::Dequantize(p);
+  cpu::Dequantize(p, PoolWorkers(pool));
   return ffi::Error::Success();
 }
 
 }  // namespace
 }  // namespace jax_wqmm
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmCpuMatmul, jax_wqmm::MatmulImpl, WQMM_BIND_OPERANDS(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmCpuMatmul, jax_wqmm::MatmulImpl,
+                              WQMM_BIND_OPERANDS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WqmmCpuDequantize, jax_wqmm::DequantizeImpl,
                               WQMM_BIND_ATTRS(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::ThreadPool>()
                                                   .Arg<ffi::AnyBuffer>()
                                                   .Arg<ffi::AnyBuffer>()
                                                   .RemainingArgs()

@@ -350,31 +350,27 @@ WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0,
   }
 }
 
-int Threads(int64_t work) {
-  static const int hw = [] {
+// Threads worth using for `work` multiply-adds: the workers' (at most $JAX_WQMM_CPU_THREADS),
+// one below about a million multiply-adds, where a thread costs more than it saves.
+int Threads(const Workers& w, int64_t work) {
+  static const int cap = [] {
     const char* env = std::getenv("JAX_WQMM_CPU_THREADS");
-    int t = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
-    return std::max(1, t);
+    return env ? std::max(1, std::atoi(env)) : 1 << 16;
   }();
-  // below about a million multiply-adds a thread costs more than it saves
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(hw, work / (1 << 20))));
+  return static_cast<int>(std::clamp<int64_t>(work / (1 << 20), 1, std::min(w.threads, cap)));
 }
 
+// body(b, e) over [0, total) in `threads` chunks that are multiples of align.
 template <typename F>
-void ParallelFor(int64_t total, int64_t align, int threads, F&& body) {
+void ParallelFor(const Workers& w, int64_t total, int64_t align, int threads, F&& body) {
   if (threads <= 1 || total <= align) {
     body(0, total);
     return;
   }
   int64_t per = (total + threads - 1) / threads;
   per = (per + align - 1) / align * align;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
-    int64_t b = t * per, e = std::min(total, b + per);
-    if (b < e) pool.emplace_back([&body, b, e] { body(b, e); });
-  }
-  body(0, std::min(total, per));
-  for (auto& th : pool) th.join();
+  const int tasks = static_cast<int>((total + per - 1) / per);
+  w.run(tasks, [&](int t) { body(t * per, std::min(total, (t + 1) * per)); });
 }
 
 #define WQMM_DISPATCH(Impl, p, ...)                                              \
@@ -479,12 +475,12 @@ RowsFn Rows() {
 // Rows of ND storage are contiguous: split k, each thread streams its rows once into a partial
 // y of its own (rows(out, k0, k1)), then the partials are summed into y.
 template <typename F>
-void SplitK(const Problem& p, int64_t group, int threads, float* y, F&& rows) {
+void SplitK(const Workers& w, const Problem& p, int64_t group, int threads, float* y, F&& rows) {
   const int64_t align = group ? std::max<int64_t>(group, kPanel) : kPanel;
   const int64_t per = ((p.k + threads - 1) / threads + align - 1) / align * align;
   const int parts = static_cast<int>((p.k + per - 1) / per);
   std::vector<std::vector<float>> partial(parts > 1 ? parts - 1 : 0, std::vector<float>(p.m * p.n));
-  ParallelFor(parts, 1, parts, [&](int64_t t0, int64_t t1) {
+  ParallelFor(w, parts, 1, parts, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) rows(t == 0 ? y : partial[t - 1].data(), t * per, std::min(p.k, (t + 1) * per));
   });
   for (const auto& part : partial) {
@@ -494,12 +490,24 @@ void SplitK(const Problem& p, int64_t group, int threads, float* y, F&& rows) {
 
 }  // namespace
 
-void Matmul(const Problem& p) {
+Workers OwnThreads() {
+  Workers w;
+  w.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  w.run = [](int tasks, const std::function<void(int)>& body) {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < tasks; ++t) pool.emplace_back(body, t);
+    body(0);
+    for (auto& th : pool) th.join();
+  };
+  return w;
+}
+
+void Matmul(const Problem& p, const Workers& workers) {
   std::vector<float> y(p.m * p.n);
-  const int threads = Threads(p.m * p.k * p.n);
+  const int threads = Threads(workers, p.m * p.k * p.n);
   if (!p.transposed && Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p)) {
     const std::vector<uint32_t> xp = PairActivations(p);
-    SplitK(p, p.group_size, threads, y.data(),
+    SplitK(workers, p, p.group_size, threads, y.data(),
            [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
   } else {
     QuantParams q = MakeQuantParams(p);
@@ -507,11 +515,11 @@ void Matmul(const Problem& p) {
     ToF32(p.x1, p.act, p.m * p.k, x.data());
     if (p.transposed) {  // columns are contiguous along k: split the columns
       const ColsFn cols = Cols();
-      ParallelFor(p.n, 64, threads,
+      ParallelFor(workers, p.n, 64, threads,
                   [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y.data(), c0, c1); });
     } else {
       const PartialFn rows = RowsND();
-      SplitK(p, q.group, threads, y.data(),
+      SplitK(workers, p, q.group, threads, y.data(),
              [&](float* out, int64_t k0, int64_t k1) { rows(p, q, x.data(), out, k0, k1); });
     }
   }
@@ -530,11 +538,12 @@ void Matmul(const Problem& p) {
   }
 }
 
-void Dequantize(const Problem& p) {
+void Dequantize(const Problem& p, const Workers& workers) {
   QuantParams q = MakeQuantParams(p);
   const RowsFn rows = Rows();
   const int64_t width = (p.col_end < 0 ? p.n : p.col_end) - p.col_begin;
-  ParallelFor(p.k, 16, Threads(p.k * width * 8), [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
+  ParallelFor(workers, p.k, 16, Threads(workers, p.k * width * 8),
+              [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
 }
 
 std::string Isa() {

@@ -5,6 +5,7 @@
 #define JAX_WQMM_CPU_KERNEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace jax_wqmm::cpu {
@@ -30,10 +31,19 @@ struct Problem {
   int64_t col_begin = 0, col_end = -1;  // Dequantize: the columns [c0, c1) of W (-1: n)
 };
 
+// Where the kernels run their parallel parts: run(tasks, body) calls body(i) once for each i in
+// [0, tasks), concurrently where it can, and returns when all calls have returned.
+struct Workers {
+  int threads = 1;
+  std::function<void(int tasks, const std::function<void(int)>& body)> run;
+};
+// Workers of its own: a thread per task (the XLA handlers use XLA's FFI thread pool instead).
+Workers OwnThreads();
+
 // y = x1 @ W + bias + x3 into out (act dtype).
-void Matmul(const Problem& p);
+void Matmul(const Problem& p, const Workers& workers);
 // W[:, c0:c1] = (x2 + offset) * scale, (k, c1 - c0) in act dtype, into out.
-void Dequantize(const Problem& p);
+void Dequantize(const Problem& p, const Workers& workers);
 // The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
 std::string Isa();
 

@@ -2,13 +2,18 @@
 
 Columns, all measured in the same run (medians over repeated calls of jitted functions):
   jax_wqmm      wq.weight_quant_matmul_all_reduce (the default CPU lowering)
+  reference     the same call lowered with the jnp reference (jax_wqmm.testing.use_reference)
   naive         dequantize the whole weight to the activation dtype in XLA, then x @ w
   qwix          qwix.dot_general on a qwix QArray (the JAX peer; `pip install .[bench]`)
   float         unquantized x @ w with w in the activation dtype (bfloat16)
   floor         the memory-bandwidth floor: the quantized weight's bytes / this machine's
                 streaming-read bandwidth (measured here, see --bw-mib)
-Ratios are jax_wqmm's time over the other column's (below 1: jax_wqmm is faster). "temp" is
-the peak temporary memory of jax_wqmm's compiled module (XLA memory analysis).
+  compute       the compute floor: m*k*n multiply-adds / the peak rate of every core on the
+                kernel's widest instruction (jax_wqmm.cpu_kernel.peak_mac_rate, measured here)
+Ratios are jax_wqmm's time over the other column's (below 1: jax_wqmm is faster), except
+"ref/" (reference over jax_wqmm: the speed-up). "temp" is the peak temporary memory of
+jax_wqmm's compiled module (XLA memory analysis). The run ends with the fast-CPU-kernel
+targets checked against these numbers.
 
     python benchmarks/matmul_bench.py [--quick] [--png benchmarks/matmul_bench.png]
 """
@@ -26,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_wqmm as wq
+import jax_wqmm.testing as wqt
+from jax_wqmm import cpu_kernel
 
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (512, 4096, 4096), (2048, 4096, 4096), (16, 8192, 8192)]
 MODES = {"int8/ch": dict(dtype="int8", granularity="per_channel"),
@@ -79,9 +86,10 @@ def main():
         qwix = None
 
     bw = stream_bandwidth(args.bw_mib)
+    peak = cpu_kernel.peak_mac_rate(0.5)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}; "
-          f"jax {jax.__version__}; streaming read {bw / 1e9:.1f} GB/s; qwix "
-          f"{getattr(qwix, '__version__', 'not installed')}")
+          f"jax {jax.__version__}; streaming read {bw / 1e9:.1f} GB/s; kernel ISA {cpu_kernel.isa()}, "
+          f"peak {peak / 1e9:.0f} GMAC/s; qwix {getattr(qwix, '__version__', 'not installed')}")
     act = jnp.bfloat16
     rows = []
     shapes = [s for s in SHAPES if s[0] <= 16] if args.quick else SHAPES
@@ -99,6 +107,12 @@ def main():
             dense = jax.jit(lambda x, w: jnp.dot(x, w))
             r = {"shape": (m, k, n), "mode": mode}
             r["jax_wqmm"] = median_seconds(fused, x, qw.data, qw.scale)
+            wqt.use_reference()
+            try:  # a fresh jit: lowered now with the reference
+                ref = jax.jit(lambda x, d, s, g=g: wq.weight_quant_matmul_all_reduce(x, d, s, antiquant_group_size=g))
+                r["reference"] = median_seconds(ref, x, qw.data, qw.scale)
+            finally:
+                wqt.use_default()
             r["naive"] = median_seconds(naive, x, qw.data, qw.scale)
             r["float"] = median_seconds(dense, x, w_act)
             r["temp"] = temp_bytes(fused, x, qw.data, qw.scale)
@@ -110,10 +124,13 @@ def main():
                 r["qwix"] = median_seconds(qdot, x, qa)
             weight_bytes = k * n // (2 if kw["dtype"] == "int4" else 1)
             r["floor"] = weight_bytes / bw
+            r["compute"] = m * k * n / peak if peak else None
             rows.append(r)
             print(_row(r), flush=True)
     print()
     print(_table(rows))
+    print()
+    print(_targets(rows))
     _plot(rows, args.png)
     print(f"\nplot: {args.png}")
 
@@ -122,17 +139,52 @@ def _fmt_ms(t):
     return "-" if t is None else f"{t * 1e3:9.2f}"
 
 
-HEADER = (f"{'m,k,n':>16s} {'weights':>9s} {'jax_wqmm':>9s} {'naive':>9s} {'qwix':>9s} {'float':>9s} "
-          f"{'floor':>9s}   {'/naive':>6s} {'/qwix':>6s} {'/floor':>6s} {'temp MiB':>8s}")
+HEADER = (f"{'m,k,n':>16s} {'weights':>9s} {'jax_wqmm':>9s} {'reference':>9s} {'naive':>9s} {'qwix':>9s} "
+          f"{'float':>9s} {'floor':>9s} {'compute':>9s}   {'ref/':>6s} {'/naive':>6s} {'/qwix':>6s} "
+          f"{'/float':>6s} {'/floor':>6s} {'temp MiB':>8s}")
 
 
 def _row(r):
     q = r.get("qwix")
     m, k, n = r["shape"]
-    return (f"{f'{m},{k},{n}':>16s} {r['mode']:>9s} {_fmt_ms(r['jax_wqmm'])} {_fmt_ms(r['naive'])} "
-            f"{_fmt_ms(q)} {_fmt_ms(r['float'])} {_fmt_ms(r['floor'])}   "
+    return (f"{f'{m},{k},{n}':>16s} {r['mode']:>9s} {_fmt_ms(r['jax_wqmm'])} {_fmt_ms(r['reference'])} "
+            f"{_fmt_ms(r['naive'])} {_fmt_ms(q)} {_fmt_ms(r['float'])} {_fmt_ms(r['floor'])} "
+            f"{_fmt_ms(r['compute'])}   {r['reference'] / r['jax_wqmm']:6.1f} "
             f"{r['jax_wqmm'] / r['naive']:6.2f} {('%6.2f' % (r['jax_wqmm'] / q)) if q else '     -'} "
-            f"{r['jax_wqmm'] / r['floor']:6.1f} {r['temp'] / 2**20:8.1f}")
+            f"{r['jax_wqmm'] / r['float']:6.2f} {r['jax_wqmm'] / r['floor']:6.1f} {r['temp'] / 2**20:8.1f}")
+
+
+def _targets(rows):
+    """The fast-CPU-kernel targets, checked against this run. A floor target that the compute
+    floor alone rules out (compute > 1.5 x floor) says so."""
+    by = {(r["shape"], r["mode"]): r for r in rows}
+    lines, d = ["targets (this run):"], (4096, 4096)
+
+    def check(name, ok, detail):
+        lines.append(f"  {'MET    ' if ok else 'NOT MET'} {name}: {detail}")
+
+    for m, mode in ((1, "int8/ch"), (16, "int8/ch"), (1, "int4/g128"), (16, "int4/g128")):
+        r = by.get(((m, *d), mode))
+        if r is None:
+            continue
+        ratio = r["jax_wqmm"] / r["floor"]
+        detail = f"{ratio:.2f}x the bandwidth floor"
+        if r["compute"] and r["compute"] > 1.5 * r["floor"]:
+            detail += (f"; out of reach here: the compute floor alone is {r['compute'] / r['floor']:.2f}x "
+                       f"(jax_wqmm at {r['jax_wqmm'] / r['compute']:.2f}x the compute floor)")
+        check(f"m={m} {mode} within 1.5x of the bandwidth floor", ratio <= 1.5, detail)
+        if mode == "int8/ch":
+            speedup = r["reference"] / r["jax_wqmm"]
+            check(f"m={m} {mode} >= 5x faster than the reference", speedup >= 5, f"{speedup:.1f}x")
+    for mode in MODES:
+        r = by.get(((512, *d), mode))
+        if r is None:
+            continue
+        check(f"m=512 {mode} faster than convert-then-multiply", r["jax_wqmm"] < r["naive"],
+              f"{r['jax_wqmm'] / r['naive']:.2f}x naive's time")
+        check(f"m=512 {mode} within 1.3x of the bf16 matmul", r["jax_wqmm"] <= 1.3 * r["float"],
+              f"{r['jax_wqmm'] / r['float']:.2f}x")
+    return "\n".join(lines)
 
 
 def _table(rows):
@@ -147,12 +199,13 @@ def _plot(rows, path):
     except ImportError:
         print("matplotlib not installed: no plot (pip install .[bench])")
         return
-    cols = [c for c in ("jax_wqmm", "naive", "qwix", "float", "floor") if any(c in r for r in rows)]
+    cols = [c for c in ("jax_wqmm", "reference", "naive", "qwix", "float", "floor", "compute")
+            if any(r.get(c) is not None for r in rows)]
     labels = [f"{r['shape'][0]}x{r['shape'][1]}x{r['shape'][2]}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 5))
     width = 0.8 / len(cols)
     for i, c in enumerate(cols):
-        ax.bar(np.arange(len(rows)) + i * width, [r.get(c, np.nan) * 1e3 for r in rows], width, label=c)
+        ax.bar(np.arange(len(rows)) + i * width, [(r.get(c) or np.nan) * 1e3 for r in rows], width, label=c)
     ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("ms per call (median, log scale)")

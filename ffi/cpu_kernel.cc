@@ -1,6 +1,9 @@
 #include "cpu_kernel.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <tuple>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -488,6 +491,43 @@ void SplitK(const Workers& w, const Problem& p, int64_t group, int threads, floa
   }
 }
 
+// Peak-rate probes: `iters` rounds of 12 independent multiply-adds on the widest instruction
+// of an instruction set (the dot products of DecodeBf16, else float FMAs). Returns a sum
+// so the work is not optimized away.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bf16"))) float ProbeBf16(int64_t iters) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3f803f81);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int j = 0; j < 12; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+    asm volatile("" : "+v"(a));
+  }
+  float s = 0;
+  for (int i = 0; i < 12; ++i) s += _mm512_reduce_add_ps(acc[i]);
+  return s;
+}
+#define WQMM_PROBE_FMA(name, isa, V, set1, fmadd, add)                              \
+  __attribute__((target(isa))) float name(int64_t iters) {                        \
+    V acc[12]; /* distinct starts: identical chains would be merged into one */  \
+    for (int i = 0; i < 12; ++i) acc[i] = set1(static_cast<float>(i));             \
+    V a = set1(1.0f), b = set1(0.999f);                                            \
+    for (int64_t i = 0; i < iters; ++i) {                                          \
+      _Pragma("GCC unroll 12") for (int j = 0; j < 12; ++j) acc[j] = fmadd(a, b, acc[j]); \
+      asm volatile("" : "+v"(a), "+v"(b)); /* opaque: no multiply by a constant */ \
+    }                                                                              \
+    V sum = acc[0];                                                                \
+    for (int i = 1; i < 12; ++i) sum = add(sum, acc[i]);                           \
+    float lanes[sizeof(V) / 4], t = 0;                                             \
+    std::memcpy(lanes, &sum, sizeof(V));                                           \
+    for (float v : lanes) t += v;                                                  \
+    return t;                                                                      \
+  }
+WQMM_PROBE_FMA(ProbeAvx512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps)
+WQMM_PROBE_FMA(ProbeAvx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps)
+#endif
+
 }  // namespace
 
 Workers OwnThreads() {
@@ -544,6 +584,35 @@ void Dequantize(const Problem& p, const Workers& workers) {
   const int64_t width = (p.col_end < 0 ? p.n : p.col_end) - p.col_begin;
   ParallelFor(workers, p.k, 16, Threads(workers, p.k * width * 8),
               [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
+}
+
+double PeakMacRate(double seconds) {
+#if defined(__x86_64__)
+  float (*probe)(int64_t) = nullptr;
+  double macs_per_instruction = 0;
+  switch (Detect()) {
+    case IsaLevel::kAvx512Bf16: probe = ProbeBf16, macs_per_instruction = 32; break;
+    case IsaLevel::kAvx512: probe = ProbeAvx512, macs_per_instruction = 16; break;
+    case IsaLevel::kAvx2: probe = ProbeAvx2, macs_per_instruction = 8; break;
+    default: return 0.0;
+  }
+  const Workers w = OwnThreads();
+  auto rate = [&](int64_t iters) {
+    std::atomic<float> sink{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    w.run(w.threads, [&](int) { sink = sink + probe(iters); });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return std::pair{s, 12.0 * macs_per_instruction * iters * w.threads / s};
+  };
+  int64_t iters = 1 << 16;
+  for (auto [s, r] = rate(iters); s < seconds / 4; std::tie(s, r) = rate(iters)) iters *= 2;
+  double best = 0;
+  for (int i = 0; i < 3; ++i) best = std::max(best, rate(iters).second);
+  return best;
+#else
+  (void)seconds;
+  return 0.0;
+#endif
 }
 
 std::string Isa() {

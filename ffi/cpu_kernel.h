@@ -44,6 +44,10 @@ Workers OwnThreads();
 void Matmul(const Problem& p, const Workers& workers);
 // W[:, c0:c1] = (x2 + offset) * scale, (k, c1 - c0) in act dtype, into out.
 void Dequantize(const Problem& p, const Workers& workers);
+// Multiply-adds per second of every core running the kernels' widest multiply-add instruction
+// (bf16 dot products on AVX-512 BF16, else float FMAs): the compute ceiling the benchmarks
+// compare against; measured for about `seconds`. 0 on the portable path.
+double PeakMacRate(double seconds);
 // The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
 std::string Isa();
 

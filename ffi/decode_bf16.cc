@@ -42,9 +42,15 @@ namespace {
 //   into a buffer that every block of x rows reads. Panels are as long as keep that buffer
 //   (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
 constexpr int64_t kDirectRows = 2, kDirectPanel = 16;
+// Tiles of 32 columns per panel, rounded up to whole built blocks (the extra tile of an odd
+// count is built from masked, zero codes and never stored).
+int64_t Tiles(int64_t n) { return (n + 63) / 64 * 2; }
 int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
-constexpr int64_t kTile = 32;   // columns per tile: two vectors of accumulators per row of x
-constexpr int kBlock = 8;       // rows of x per register block: 16 accumulators
+constexpr int64_t kTile = 32;  // columns per tile: one pair of rows converts to two vectors
+// Register blocks of the built path: 4 rows of x by 4 vectors (64 columns), 16 accumulators
+// fed by 4 loads of pairs and 4 broadcasts of x per 16 dot products.
+constexpr int64_t kBuiltRows = 4;
+constexpr int kBuiltVectors = 4;
 
 // bf16 bits of the int4 code (i & 15) in two's complement, twice: vpermw reads five bits of
 // the index, and the fifth is the next nibble's lowest bit.
@@ -61,24 +67,21 @@ WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
 // The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, from rows a (k) and b (k + 1)
 // at the tile's first column, as two vectors of 16 lanes. Lane order: int8, columns j..j+15
 // then j+16..j+31; int4, the even columns then the odd ones (ColumnOrder restores it).
-// cols < 32 only at the ragged end (masked loads: zero codes).
+// cols < 32 only at the ragged end (masked loads: zero codes; none at all for cols <= 0).
 template <bool kInt4>
 WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, __m512i out[2]) {
   if constexpr (!kInt4) {
-    const __mmask32 mask = cols >= 32 ? ~__mmask32{0} : (__mmask32{1} << cols) - 1;
-    const __m256i va = _mm256_maskz_loadu_epi8(mask, a), vb = _mm256_maskz_loadu_epi8(mask, b);
     // an int8 is exact in bf16: a float's top half is its bf16; row k low, k + 1 high
     const __m512i tops = _mm512_set_epi16(63, 31, 61, 29, 59, 27, 57, 25, 55, 23, 53, 21, 51, 19, 49, 17,
                                           47, 15, 45, 13, 43, 11, 41, 9, 39, 7, 37, 5, 35, 3, 33, 1);
     for (int h = 0; h < 2; ++h) {
-      const __m128i ha = h ? _mm256_extracti128_si256(va, 1) : _mm256_castsi256_si128(va);
-      const __m128i hb = h ? _mm256_extracti128_si256(vb, 1) : _mm256_castsi256_si128(vb);
-      const __m512i fa = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ha)));
-      const __m512i fb = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hb)));
+      const __mmask16 mask = LaneMask(cols - 16 * h);
+      const __m512i fa = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * h))));
+      const __m512i fb = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * h))));
       out[h] = _mm512_permutex2var_epi16(fa, tops, fb);
     }
   } else {
-    const __mmask16 mask = cols >= 32 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (cols / 2)) - 1);
+    const __mmask16 mask = LaneMask(cols / 2);  // bytes
     const __m128i va = _mm_maskz_loadu_epi8(mask, a), vb = _mm_maskz_loadu_epi8(mask, b);
     // bytes a0 b0 a1 b1 ..., byte a_i holding columns 2i (low nibble) and 2i + 1 (high)
     const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(va, vb)),
@@ -140,16 +143,21 @@ struct Out {
   int64_t n, r, j;         // first row of the block, first column of the tile
 };
 
-template <bool kInt4, int MR, bool kBuilt>
+// MR rows of x by NV vectors of 16 columns: the sums over the panel's pairs in registers,
+// then handed on (Mode). Direct blocks convert their codes (NV = 2, one tile); built ones read
+// the panel's pairs, NV / 2 tiles side by side.
+template <bool kInt4, int MR, int NV, bool kBuilt>
 WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
-  __m512 acc[MR][2];
-  for (int rr = 0; rr < MR; ++rr) acc[rr][0] = acc[rr][1] = _mm512_setzero_ps();
+  static_assert(kBuilt || NV == 2);
+  __m512 acc[MR][NV];
+  for (int rr = 0; rr < MR; ++rr) {
+    for (int v = 0; v < NV; ++v) acc[rr][v] = _mm512_setzero_ps();
+  }
   const int64_t pairs = (t.rows + 1) / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
-    __m512i b[2];
+    __m512i b[NV];
     if constexpr (kBuilt) {
-      b[0] = t.pairs[kp * t.pair_stride];
-      b[1] = t.pairs[kp * t.pair_stride + 1];
+      for (int v = 0; v < NV; ++v) b[v] = t.pairs[kp * t.pair_stride + v];
     } else {  // an odd last row pairs with itself; its x partner is the zero padding
       const uint8_t* a = t.w + 2 * kp * t.stride;
       PairCodes<kInt4>(a, 2 * kp + 1 < t.rows ? a + t.stride : a, t.cols, b);
@@ -157,60 +165,64 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
 #pragma GCC unroll 8
     for (int rr = 0; rr < MR; ++rr) {
       const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(t.xp[rr * t.kpairs + kp]));
-      acc[rr][0] = _mm512_dpbf16_ps(acc[rr][0], x, (__m512bh)b[0]);
-      acc[rr][1] = _mm512_dpbf16_ps(acc[rr][1], x, (__m512bh)b[1]);
+      for (int v = 0; v < NV; ++v) acc[rr][v] = _mm512_dpbf16_ps(acc[rr][v], x, (__m512bh)b[v]);
     }
   }
-  const __mmask16 mk[2] = {LaneMask(t.cols), LaneMask(t.cols - 16)};
+  __mmask16 mk[NV];
+  for (int v = 0; v < NV; ++v) mk[v] = LaneMask(t.cols - 16 * v);
   const Group& g = *o.g;
-  __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, off[2] = {s[0], s[1]};
+  __m512 s[NV], off[NV];
+  for (int v = 0; v < NV; ++v) s[v] = off[v] = _mm512_setzero_ps();
   if (o.mode == Mode::kFold || o.mode == Mode::kFoldRaw) {
-    for (int h = 0; h < 2; ++h) {
-      s[h] = g.scale ? LoadBf16(g.scale + o.j + 16 * h, mk[h]) : _mm512_set1_ps(g.s0);
-      off[h] = g.offset ? LoadBf16(g.offset + o.j + 16 * h, mk[h]) : _mm512_set1_ps(g.o0);
+    for (int v = 0; v < NV; ++v) {
+      s[v] = g.scale ? LoadBf16(g.scale + o.j + 16 * v, mk[v]) : _mm512_set1_ps(g.s0);
+      off[v] = g.offset ? LoadBf16(g.offset + o.j + 16 * v, mk[v]) : _mm512_set1_ps(g.o0);
     }
   }
   for (int rr = 0; rr < MR; ++rr) {
-    __m512 v[2] = {acc[rr][0], acc[rr][1]};
-    if constexpr (kInt4) ColumnOrder(v);
+    __m512 sums[NV];
+    for (int v = 0; v < NV; ++v) sums[v] = acc[rr][v];
+    if constexpr (kInt4) {
+      for (int v = 0; v < NV; v += 2) ColumnOrder(sums + v);
+    }
     float* raw = o.raw + (o.r + rr) * o.n + o.j;
     float* y = o.y + (o.r + rr) * o.n + o.j;
-    for (int h = 0; h < 2; ++h) {
+    for (int v = 0; v < NV; ++v) {
+      __m512 sum = sums[v];
       switch (o.mode) {
         case Mode::kStore:
-          _mm512_mask_storeu_ps(raw + 16 * h, mk[h], v[h]);
+          _mm512_mask_storeu_ps(raw + 16 * v, mk[v], sum);
           break;
         case Mode::kAdd:
-          _mm512_mask_storeu_ps(raw + 16 * h, mk[h], _mm512_add_ps(_mm512_maskz_loadu_ps(mk[h], raw + 16 * h), v[h]));
+          _mm512_mask_storeu_ps(raw + 16 * v, mk[v], _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], raw + 16 * v), sum));
           break;
         case Mode::kFoldRaw:
-          v[h] = _mm512_add_ps(_mm512_maskz_loadu_ps(mk[h], raw + 16 * h), v[h]);
+          sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], raw + 16 * v), sum);
           [[fallthrough]];
         case Mode::kFold:
-          if (g.has_offset) v[h] = _mm512_fmadd_ps(off[h], _mm512_set1_ps(g.xs[o.r + rr]), v[h]);
-          _mm512_mask_storeu_ps(y + 16 * h, mk[h],
-                                _mm512_fmadd_ps(s[h], v[h], _mm512_maskz_loadu_ps(mk[h], y + 16 * h)));
+          if (g.has_offset) sum = _mm512_fmadd_ps(off[v], _mm512_set1_ps(g.xs[o.r + rr]), sum);
+          _mm512_mask_storeu_ps(y + 16 * v, mk[v],
+                                _mm512_fmadd_ps(s[v], sum, _mm512_maskz_loadu_ps(mk[v], y + 16 * v)));
           break;
       }
     }
   }
 }
 
-template <bool kInt4, bool kBuilt>
-WQMM_BF16 WQMM_INLINE void Rows(int64_t mr, const Tile& t, const Out& o) {
-  if constexpr (!kBuilt) {  // direct: int4, at most kDirectRows rows of x
-    static_assert(kInt4 && kDirectRows == 2);
-    return mr == 1 ? Block<kInt4, 1, false>(t, o) : Block<kInt4, 2, false>(t, o);
-  }
+template <bool kInt4>
+WQMM_BF16 WQMM_INLINE void DirectRows(int64_t mr, const Tile& t, const Out& o) {
+  static_assert(kDirectRows == 2);
+  return mr == 1 ? Block<kInt4, 1, 2, false>(t, o) : Block<kInt4, 2, 2, false>(t, o);
+}
+
+template <bool kInt4>
+WQMM_BF16 WQMM_INLINE void BuiltRows(int64_t mr, const Tile& t, const Out& o) {
+  static_assert(kBuiltRows == 4);
   switch (mr) {
-    case 1: return Block<kInt4, 1, kBuilt>(t, o);
-    case 2: return Block<kInt4, 2, kBuilt>(t, o);
-    case 3: return Block<kInt4, 3, kBuilt>(t, o);
-    case 4: return Block<kInt4, 4, kBuilt>(t, o);
-    case 5: return Block<kInt4, 5, kBuilt>(t, o);
-    case 6: return Block<kInt4, 6, kBuilt>(t, o);
-    case 7: return Block<kInt4, 7, kBuilt>(t, o);
-    default: return Block<kInt4, 8, kBuilt>(t, o);
+    case 1: return Block<kInt4, 1, kBuiltVectors, true>(t, o);
+    case 2: return Block<kInt4, 2, kBuiltVectors, true>(t, o);
+    case 3: return Block<kInt4, 3, kBuiltVectors, true>(t, o);
+    default: return Block<kInt4, 4, kBuiltVectors, true>(t, o);
   }
 }
 
@@ -222,7 +234,7 @@ template <bool kInt4>
 WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t rows, Mode mode,
                      const Group& g, float* raw, float* y, __m512i* buf /* null: direct */) {
   const int64_t stride = kInt4 ? p.n / 2 : p.n, kpairs = (p.k + 1) / 2;
-  const int64_t tiles = (p.n + kTile - 1) / kTile, pairs = (rows + 1) / 2;
+  const int64_t tiles = Tiles(p.n), pairs = (rows + 1) / 2;
   const uint8_t* w0 = p.x2 + r0 * stride;
   const bool build = buf != nullptr;
   for (int64_t kp = 0; kp < (build ? pairs : 0); ++kp) {
@@ -233,22 +245,24 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
       PairCodes<kInt4>(a + at, b + at, std::min(kTile, p.n - j), buf + 2 * (kp * tiles + jt));
     }
   }
-  for (int64_t jt = 0; jt < tiles; ++jt) {
+  const int64_t step = build ? kBuiltVectors / 2 : 1;  // tiles per block
+  for (int64_t jt = 0; jt < tiles; jt += step) {
     const int64_t j = jt * kTile;
-    const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
+    const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(step * kTile, p.n - j),
                  build ? buf + 2 * jt : nullptr, 2 * tiles, xp + r0 / 2, kpairs};
-    for (int64_t r = 0; r < p.m; r += kBlock) {
+    const int64_t block = build ? kBuiltRows : kDirectRows;
+    for (int64_t r = 0; r < p.m; r += block) {
       Tile tr = t;
       tr.xp = t.xp + r * kpairs;
       const Out o{mode, &g, raw, y, p.n, r, j};
-      const int64_t mr = std::min<int64_t>(kBlock, p.m - r);
+      const int64_t mr = std::min<int64_t>(block, p.m - r);
       if constexpr (kInt4) {
         if (!build) {
-          Rows<kInt4, false>(mr, tr, o);
+          DirectRows<kInt4>(mr, tr, o);
           continue;
         }
       }
-      Rows<kInt4, true>(mr, tr, o);
+      BuiltRows<kInt4>(mr, tr, o);
     }
   }
 }
@@ -262,7 +276,7 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   const int64_t panel = direct ? kDirectPanel : BuiltPanel(n);
   std::vector<float> raw(span > panel ? m * n : 0), xs(m);
   struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
-  std::vector<Vector> built(direct ? 0 : panel * ((n + kTile - 1) / kTile));
+  std::vector<Vector> built(direct ? 0 : panel * Tiles(n));
   auto* buf = direct ? nullptr : reinterpret_cast<__m512i*>(built.data());
   const auto* scale = static_cast<const uint16_t*>(p.scale);
   const auto* offset = static_cast<const uint16_t*>(p.offset);

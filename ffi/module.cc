@@ -71,7 +71,10 @@ NB_MODULE(_wqmm_ffi, m) {
   });
 
   m.def("cpu_isa", &jax_wqmm::cpu::Isa,
-        "The instruction set the CPU kernels dispatch to: avx512, avx2 or portable.");
+        "The instruction set the CPU kernels dispatch to: avx512bf16, avx512, avx2 or portable.");
+  m.def("cpu_peak_mac_rate", &jax_wqmm::cpu::PeakMacRate, nb::arg("seconds") = 0.2,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "Multiply-adds per second of all cores on the kernels' widest instruction (0: unknown).");
 
   // ------------------------------------------------------------------ loader
   m.def("load_cann", [](const std::vector<std::string>& dirs,

@@ -25,7 +25,7 @@ from . import native, reference
 from .spec import WqmmSpec, unpack_operands, pack_operands
 
 __all__ = ["SMALL_M", "supports", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
-           "DEQUANTIZE_TARGET"]
+           "DEQUANTIZE_TARGET", "peak_mac_rate"]
 
 MATMUL_TARGET = "wqmm_cpu_matmul"
 DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
@@ -93,6 +93,14 @@ def unregister(platform: str = "cpu") -> None:
 
 
 def isa() -> str:
-    """The instruction set the kernels run with here: "avx512", "avx2" or "portable"
-    (``$JAX_WQMM_CPU_ISA`` can force a lower one)."""
+    """The instruction set the kernels run with here: "avx512bf16", "avx512", "avx2" or
+    "portable" (``$JAX_WQMM_CPU_ISA`` can force a lower one)."""
     return native.extension().cpu_isa()
+
+
+def peak_mac_rate(seconds: float = 0.2) -> float:
+    """Multiply-adds per second of all cores on the kernels' widest instruction (bf16 dot
+    products with AVX-512 BF16, else float FMAs), measured now for about ``seconds``: the
+    compute ceiling of the kernels (a compute floor of m*k*n / rate for a matmul). 0.0 when
+    unknown (portable path)."""
+    return native.extension().cpu_peak_mac_rate(seconds)

@@ -42,15 +42,13 @@ namespace {
 //   into a buffer that every block of x rows reads. Panels are as long as keep that buffer
 //   (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
 constexpr int64_t kDirectRows = 2, kDirectPanel = 16;
-// Tiles of 32 columns per panel, rounded up to whole built blocks (the extra tile of an odd
-// count is built from masked, zero codes and never stored).
-int64_t Tiles(int64_t n) { return (n + 63) / 64 * 2; }
 int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
-constexpr int64_t kTile = 32;  // columns per tile: one pair of rows converts to two vectors
-// Register blocks of the built path: 4 rows of x by 4 vectors (64 columns), 16 accumulators
-// fed by 4 loads of pairs and 4 broadcasts of x per 16 dot products.
+// A tile: 64 columns, the four vectors of 16 lanes that one pair of rows converts to.
+constexpr int64_t kTile = 64;
+constexpr int kVectors = 4;
+// Register blocks of the built path: 4 rows of x by one tile, 16 accumulators fed by 4 loads
+// of pairs and 4 broadcasts of x per 16 dot products.
 constexpr int64_t kBuiltRows = 4;
-constexpr int kBuiltVectors = 4;
 
 // bf16 bits of the int4 code (i & 15) in two's complement, twice: vpermw reads five bits of
 // the index, and the fifth is the next nibble's lowest bit.
@@ -64,42 +62,53 @@ WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
   return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
 }
 
+WQMM_INLINE __mmask32 ByteMask(int64_t bytes) {
+  return bytes >= 32 ? ~__mmask32{0} : bytes <= 0 ? __mmask32{0} : (__mmask32{1} << bytes) - 1;
+}
+
 // The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, from rows a (k) and b (k + 1)
-// at the tile's first column, as two vectors of 16 lanes. Lane order: int8, columns j..j+15
-// then j+16..j+31; int4, the even columns then the odd ones (ColumnOrder restores it).
-// cols < 32 only at the ragged end (masked loads: zero codes; none at all for cols <= 0).
+// at the tile's first column j, as four vectors of 16 lanes. int8 lanes are in column order
+// (vector v: columns j + 16v ...); int4 lanes are not (ColumnOrder restores it). cols < 64
+// only at the ragged end (masked loads: zero codes).
 template <bool kInt4>
-WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, __m512i out[2]) {
+WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, __m512i out[kVectors]) {
   if constexpr (!kInt4) {
     // an int8 is exact in bf16: a float's top half is its bf16; row k low, k + 1 high
     const __m512i tops = _mm512_set_epi16(63, 31, 61, 29, 59, 27, 57, 25, 55, 23, 53, 21, 51, 19, 49, 17,
                                           47, 15, 45, 13, 43, 11, 41, 9, 39, 7, 37, 5, 35, 3, 33, 1);
-    for (int h = 0; h < 2; ++h) {
-      const __mmask16 mask = LaneMask(cols - 16 * h);
-      const __m512i fa = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * h))));
-      const __m512i fb = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * h))));
-      out[h] = _mm512_permutex2var_epi16(fa, tops, fb);
+    for (int v = 0; v < kVectors; ++v) {
+      const __mmask16 mask = LaneMask(cols - 16 * v);
+      const __m512i fa = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * v))));
+      const __m512i fb = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * v))));
+      out[v] = _mm512_permutex2var_epi16(fa, tops, fb);
     }
   } else {
-    const __mmask16 mask = LaneMask(cols / 2);  // bytes
-    const __m128i va = _mm_maskz_loadu_epi8(mask, a), vb = _mm_maskz_loadu_epi8(mask, b);
-    // bytes a0 b0 a1 b1 ..., byte a_i holding columns 2i (low nibble) and 2i + 1 (high)
-    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(va, vb)),
-                                              _mm_unpackhi_epi8(va, vb), 1);
-    const __m512i w = _mm512_cvtepu8_epi16(v);
+    const __mmask32 mask = ByteMask(cols / 2);
+    const __m256i va = _mm256_maskz_loadu_epi8(mask, a), vb = _mm256_maskz_loadu_epi8(mask, b);
+    // Byte a_i holds columns 2i (low nibble) and 2i + 1 (high). Interleaved within 128-bit
+    // lanes, lo = a0 b0 .. a7 b7 | a16 b16 .. a23 b23 and hi = bytes 8..15 | 24..31: as words,
+    // the pairs (a_i, b_i), whose nibbles the table turns into bf16.
+    const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(va, vb));
+    const __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(va, vb));
     const __m512i lut = _mm512_load_si512(kInt4Bf16);
-    out[0] = _mm512_permutexvar_epi16(w, lut);                         // columns j + 2i
-    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);  // columns j + 2i + 1
+    out[0] = _mm512_permutexvar_epi16(lo, lut);                         // columns 2i, i in lo
+    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), lut);  // columns 2i + 1
+    out[2] = _mm512_permutexvar_epi16(hi, lut);
+    out[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), lut);
   }
 }
 
-// int4 lanes (even columns, odd columns) back to column order.
-WQMM_BF16 WQMM_INLINE void ColumnOrder(__m512 v[2]) {
+// int4 sums in PairCodes' lane order back to column order: columns 0..15 are bytes 0..7
+// (lanes 0..7 of vectors 0 and 1, alternating), 16..31 bytes 8..15 (vectors 2, 3), 32..47
+// bytes 16..23 (lanes 8..15 of vectors 0, 1), 48..63 bytes 24..31 (vectors 2, 3).
+WQMM_BF16 WQMM_INLINE void ColumnOrder(__m512 v[kVectors]) {
   const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  const __m512 even = v[0], odd = v[1];
-  v[0] = _mm512_permutex2var_ps(even, lo, odd);
-  v[1] = _mm512_permutex2var_ps(even, hi, odd);
+  const __m512 e0 = v[0], o0 = v[1], e1 = v[2], o1 = v[3];
+  v[0] = _mm512_permutex2var_ps(e0, lo, o0);
+  v[1] = _mm512_permutex2var_ps(e1, lo, o1);
+  v[2] = _mm512_permutex2var_ps(e0, hi, o0);
+  v[3] = _mm512_permutex2var_ps(e1, hi, o1);
 }
 
 WQMM_BF16 WQMM_INLINE __m512 LoadBf16(const uint16_t* p, __mmask16 mask) {
@@ -129,7 +138,7 @@ struct Group {
 struct Tile {
   const uint8_t* w;        // W at (first row of the panel, first column of the tile)
   int64_t stride;          // bytes per row of W
-  int64_t rows, cols;      // rows of the panel, columns of the tile (<= 32)
+  int64_t rows, cols;      // rows of the panel, columns of the tile (<= 64)
   const __m512i* pairs;    // the tile's first pair in the panel's built pairs, or null
   int64_t pair_stride;     // vectors from one pair to the next in pairs
   const uint32_t* xp;      // x pairs of the block's first row at the panel's first pair
@@ -143,20 +152,22 @@ struct Out {
   int64_t n, r, j;         // first row of the block, first column of the tile
 };
 
-// MR rows of x by NV vectors of 16 columns: the sums over the panel's pairs in registers,
-// then handed on (Mode). Direct blocks convert their codes (NV = 2, one tile); built ones read
-// the panel's pairs, NV / 2 tiles side by side.
-template <bool kInt4, int MR, int NV, bool kBuilt>
+// MR rows of x by one tile: the sums over the panel's pairs in registers, then handed on
+// (Mode). Direct blocks convert their codes; built ones read the panel's pairs.
+template <bool kInt4, int MR, bool kBuilt>
 WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
-  static_assert(kBuilt || NV == 2);
+  constexpr int NV = kVectors;
   __m512 acc[MR][NV];
+  #pragma GCC unroll 8
   for (int rr = 0; rr < MR; ++rr) {
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[rr][v] = _mm512_setzero_ps();
   }
   const int64_t pairs = (t.rows + 1) / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     __m512i b[NV];
     if constexpr (kBuilt) {
+      #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) b[v] = t.pairs[kp * t.pair_stride + v];
     } else {  // an odd last row pairs with itself; its x partner is the zero padding
       const uint8_t* a = t.w + 2 * kp * t.stride;
@@ -165,28 +176,33 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
 #pragma GCC unroll 8
     for (int rr = 0; rr < MR; ++rr) {
       const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(t.xp[rr * t.kpairs + kp]));
+      #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[rr][v] = _mm512_dpbf16_ps(acc[rr][v], x, (__m512bh)b[v]);
     }
   }
   __mmask16 mk[NV];
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) mk[v] = LaneMask(t.cols - 16 * v);
   const Group& g = *o.g;
   __m512 s[NV], off[NV];
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) s[v] = off[v] = _mm512_setzero_ps();
   if (o.mode == Mode::kFold || o.mode == Mode::kFoldRaw) {
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       s[v] = g.scale ? LoadBf16(g.scale + o.j + 16 * v, mk[v]) : _mm512_set1_ps(g.s0);
       off[v] = g.offset ? LoadBf16(g.offset + o.j + 16 * v, mk[v]) : _mm512_set1_ps(g.o0);
     }
   }
+  #pragma GCC unroll 8
   for (int rr = 0; rr < MR; ++rr) {
     __m512 sums[NV];
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) sums[v] = acc[rr][v];
-    if constexpr (kInt4) {
-      for (int v = 0; v < NV; v += 2) ColumnOrder(sums + v);
-    }
+    if constexpr (kInt4) ColumnOrder(sums);
     float* raw = o.raw + (o.r + rr) * o.n + o.j;
     float* y = o.y + (o.r + rr) * o.n + o.j;
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       __m512 sum = sums[v];
       switch (o.mode) {
@@ -212,17 +228,17 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
 template <bool kInt4>
 WQMM_BF16 WQMM_INLINE void DirectRows(int64_t mr, const Tile& t, const Out& o) {
   static_assert(kDirectRows == 2);
-  return mr == 1 ? Block<kInt4, 1, 2, false>(t, o) : Block<kInt4, 2, 2, false>(t, o);
+  return mr == 1 ? Block<kInt4, 1, false>(t, o) : Block<kInt4, 2, false>(t, o);
 }
 
 template <bool kInt4>
 WQMM_BF16 WQMM_INLINE void BuiltRows(int64_t mr, const Tile& t, const Out& o) {
   static_assert(kBuiltRows == 4);
   switch (mr) {
-    case 1: return Block<kInt4, 1, kBuiltVectors, true>(t, o);
-    case 2: return Block<kInt4, 2, kBuiltVectors, true>(t, o);
-    case 3: return Block<kInt4, 3, kBuiltVectors, true>(t, o);
-    default: return Block<kInt4, 4, kBuiltVectors, true>(t, o);
+    case 1: return Block<kInt4, 1, true>(t, o);
+    case 2: return Block<kInt4, 2, true>(t, o);
+    case 3: return Block<kInt4, 3, true>(t, o);
+    default: return Block<kInt4, 4, true>(t, o);
   }
 }
 
@@ -234,7 +250,7 @@ template <bool kInt4>
 WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t rows, Mode mode,
                      const Group& g, float* raw, float* y, __m512i* buf /* null: direct */) {
   const int64_t stride = kInt4 ? p.n / 2 : p.n, kpairs = (p.k + 1) / 2;
-  const int64_t tiles = Tiles(p.n), pairs = (rows + 1) / 2;
+  const int64_t tiles = (p.n + kTile - 1) / kTile, pairs = (rows + 1) / 2;
   const uint8_t* w0 = p.x2 + r0 * stride;
   const bool build = buf != nullptr;
   for (int64_t kp = 0; kp < (build ? pairs : 0); ++kp) {
@@ -242,14 +258,13 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
     const uint8_t* b = 2 * kp + 1 < rows ? a + stride : a;  // an odd last row pairs with itself
     for (int64_t jt = 0; jt < tiles; ++jt) {
       const int64_t j = jt * kTile, at = kInt4 ? j / 2 : j;
-      PairCodes<kInt4>(a + at, b + at, std::min(kTile, p.n - j), buf + 2 * (kp * tiles + jt));
+      PairCodes<kInt4>(a + at, b + at, std::min(kTile, p.n - j), buf + kVectors * (kp * tiles + jt));
     }
   }
-  const int64_t step = build ? kBuiltVectors / 2 : 1;  // tiles per block
-  for (int64_t jt = 0; jt < tiles; jt += step) {
+  for (int64_t jt = 0; jt < tiles; ++jt) {
     const int64_t j = jt * kTile;
-    const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(step * kTile, p.n - j),
-                 build ? buf + 2 * jt : nullptr, 2 * tiles, xp + r0 / 2, kpairs};
+    const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
+                 build ? buf + kVectors * jt : nullptr, kVectors * tiles, xp + r0 / 2, kpairs};
     const int64_t block = build ? kBuiltRows : kDirectRows;
     for (int64_t r = 0; r < p.m; r += block) {
       Tile tr = t;
@@ -276,7 +291,7 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   const int64_t panel = direct ? kDirectPanel : BuiltPanel(n);
   std::vector<float> raw(span > panel ? m * n : 0), xs(m);
   struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
-  std::vector<Vector> built(direct ? 0 : panel * Tiles(n));
+  std::vector<Vector> built(direct ? 0 : (panel + 1) / 2 * kVectors * ((n + kTile - 1) / kTile));
   auto* buf = direct ? nullptr : reinterpret_cast<__m512i*>(built.data());
   const auto* scale = static_cast<const uint16_t*>(p.scale);
   const auto* offset = static_cast<const uint16_t*>(p.offset);

@@ -39,11 +39,14 @@ MODES = {"int8/ch": dict(dtype="int8", granularity="per_channel"),
          "int4/g128": dict(dtype="int4", granularity="per_group", group_size=128)}
 
 
-def median_seconds(f, *args, budget: float = 2.0, max_reps: int = 50) -> float:
-    f(*args).block_until_ready()                      # compile + warm up
+def median_seconds(f, *args, budget: float = 2.0, max_reps: int = 50, warmup: float = 0.3) -> float:
+    f(*args).block_until_ready()                      # compile
     t0 = time.perf_counter()
-    f(*args).block_until_ready()
-    once = time.perf_counter() - t0
+    calls = 0
+    while calls < 2 or time.perf_counter() - t0 < warmup:  # steady state: caches, pools, clocks
+        f(*args).block_until_ready()
+        calls += 1
+    once = (time.perf_counter() - t0) / calls
     reps = int(max(3, min(max_reps, budget / max(once, 1e-6))))
     ts = []
     for _ in range(reps):

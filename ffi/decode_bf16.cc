@@ -11,9 +11,7 @@ namespace jax_wqmm::cpu {
 
 bool DecodeBf16Covers(const Problem& p) {
 #if defined(__x86_64__)
-  // int4 rows must start on a byte (even n). One row of int8 streams faster through the float
-  // FMA loop of cpu_kernel.cc (fewer instructions per code than building bf16 pairs).
-  return p.act == Float::kBF16 && !p.transposed && (p.int4 ? p.n % 2 == 0 : p.m > 1);
+  return p.act == Float::kBF16 && !p.transposed && (!p.int4 || p.n % 2 == 0);  // int4: rows on bytes
 #else
   return false;
 #endif
@@ -36,12 +34,12 @@ namespace {
 
 // A panel is a run of rows of W inside one group; its sums go through memory (raw, m x n)
 // once. Two ways to feed the dot products:
-// - direct (int4 with at most kDirectRows rows of x): each tile converts its codes as it
-//   goes; panels of kDirectPanel rows keep the read streams few and raw in L1;
-// - built (everything else): the panel's pairs are converted once, two rows of W at a time,
-//   into a buffer that every block of x rows reads. Panels are as long as keep that buffer
-//   (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
-constexpr int64_t kDirectRows = 2, kDirectPanel = 16;
+// - direct (at most kDirectRows rows of x: memory-bound): each tile converts its codes as it
+//   goes, reading the panel's kDirectPanel rows side by side;
+// - built (more rows: compute-bound): the panel's pairs are converted once, two rows of W at
+//   a time, into a buffer that every block of x rows reads. Panels are as long as keep that
+//   buffer (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
+constexpr int64_t kDirectRows = 2, kDirectPanel = 64;
 int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
 // A tile: 64 columns, the four vectors of 16 lanes that one pair of rows converts to.
 constexpr int64_t kTile = 64;
@@ -271,13 +269,8 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
       tr.xp = t.xp + r * kpairs;
       const Out o{mode, &g, raw, y, p.n, r, j};
       const int64_t mr = std::min<int64_t>(block, p.m - r);
-      if constexpr (kInt4) {
-        if (!build) {
-          DirectRows<kInt4>(mr, tr, o);
-          continue;
-        }
-      }
-      BuiltRows<kInt4>(mr, tr, o);
+      if (build) BuiltRows<kInt4>(mr, tr, o);
+      else DirectRows<kInt4>(mr, tr, o);
     }
   }
 }
@@ -287,7 +280,7 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   const int64_t m = p.m, n = p.n;
   std::fill(y, y + m * n, 0.0f);
   const int64_t span = p.group_size ? p.group_size : k1 - k0;
-  const bool direct = kInt4 && m <= kDirectRows;
+  const bool direct = m <= kDirectRows;
   const int64_t panel = direct ? kDirectPanel : BuiltPanel(n);
   std::vector<float> raw(span > panel ? m * n : 0), xs(m);
   struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)

@@ -1,11 +1,14 @@
-"""The fast CPU path: a native dequantizing matmul (ffi/cpu_kernel.cc) as the CPU lowering.
+"""The fast CPU path: native dequantizing matmuls (ffi/cpu_kernel.cc, ffi/decode_bf16.cc) as
+the CPU lowering.
 
 For the cases it covers (int8 / int4 weights, ND storage, transposed or not, per-tensor /
 per-channel / per-group, with or without offset, float16 / bfloat16 activations) the
 primitive's CPU lowering is:
 
-- m <= :data:`SMALL_M`: one custom call that reads the quantized weight once, dequantizing a
-  row segment at a time in cache, and returns ``x1 @ W + bias + x3``;
+- m <= :data:`SMALL_M`: one custom call that reads the quantized weight once and returns
+  ``x1 @ W + bias + x3`` (bf16 dot products on codes paired along k where the CPU has
+  AVX-512 BF16 and the activations are bfloat16, float FMAs on codes converted in cache
+  otherwise), on XLA's FFI thread pool;
 - larger m (compute-bound): a custom call that dequantizes W once to the activation dtype,
   then XLA's own dot (float32 accumulation), which is faster than the kernel there;
 

@@ -10,7 +10,9 @@ Columns, all measured in the same run (medians over repeated calls of jitted fun
                 streaming-read bandwidth (measured here, see --bw-mib)
   compute       the compute floor: m*k*n multiply-adds / the peak rate of every core on the
                 kernel's widest instruction (jax_wqmm.cpu_kernel.peak_mac_rate, measured here)
-Ratios are jax_wqmm's time over the other column's (below 1: jax_wqmm is faster), except
+Each column's calls cycle through copies of its weights (--rotate-mib in all, default 128 MiB,
+beyond this machine's 32 MiB L3), so weights stream from memory as in a model. Ratios are
+jax_wqmm's time over the other column's (below 1: jax_wqmm is faster), except
 "ref/" (reference over jax_wqmm: the speed-up). "temp" is the peak temporary memory of
 jax_wqmm's compiled module (XLA memory analysis). The run ends with the fast-CPU-kernel
 targets checked against these numbers.
@@ -39,21 +41,31 @@ MODES = {"int8/ch": dict(dtype="int8", granularity="per_channel"),
          "int4/g128": dict(dtype="int4", granularity="per_group", group_size=128)}
 
 
-def median_seconds(f, *args, budget: float = 2.0, max_reps: int = 50, warmup: float = 0.3) -> float:
-    f(*args).block_until_ready()                      # compile
+def median_seconds(f, *calls, budget: float = 2.0, max_reps: int = 50, warmup: float = 0.3) -> float:
+    """Median seconds of f(*args), args cycling through `calls` (argument tuples)."""
+    def call(i):
+        f(*calls[i % len(calls)]).block_until_ready()
+
+    for i in range(len(calls)):                        # compile (and first touch of each copy)
+        call(i)
     t0 = time.perf_counter()
-    calls = 0
-    while calls < 2 or time.perf_counter() - t0 < warmup:  # steady state: caches, pools, clocks
-        f(*args).block_until_ready()
-        calls += 1
-    once = (time.perf_counter() - t0) / calls
+    done = 0
+    while done < 2 or time.perf_counter() - t0 < warmup:  # steady state: caches, pools, clocks
+        call(done)
+        done += 1
+    once = (time.perf_counter() - t0) / done
     reps = int(max(3, min(max_reps, budget / max(once, 1e-6))))
     ts = []
-    for _ in range(reps):
+    for i in range(reps):
         t = time.perf_counter()
-        f(*args).block_until_ready()
+        call(i)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def copies(tree, count: int) -> list:
+    """`count` copies of a pytree of arrays, each in buffers of its own."""
+    return [tree] + [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(count - 1)]
 
 
 def stream_bandwidth(mib: int) -> float:
@@ -66,7 +78,7 @@ def stream_bandwidth(mib: int) -> float:
         best = max(best, a.nbytes / (time.perf_counter() - t))
     x = jnp.ones(mib * 2**20 // 4, jnp.float32)
     f = jax.jit(jnp.sum)
-    t = median_seconds(f, x, budget=1.0)
+    t = median_seconds(f, (x,), budget=1.0)
     return max(best, x.nbytes / t)
 
 
@@ -82,6 +94,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="decode shapes only")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(__file__), "matmul_bench.png"))
     ap.add_argument("--bw-mib", type=int, default=512, help="array size for the bandwidth probe")
+    ap.add_argument("--rotate-mib", type=int, default=128,
+                    help="weight copies the calls cycle through, in MiB (beyond the last-level cache)")
     args = ap.parse_args()
     try:
         import qwix
@@ -109,23 +123,28 @@ def main():
             naive = jax.jit(lambda x, d, s, spec=spec: jnp.dot(x, wq.reference.dequantize(d, s, None, spec)))
             dense = jax.jit(lambda x, w: jnp.dot(x, w))
             r = {"shape": (m, k, n), "mode": mode}
-            r["jax_wqmm"] = median_seconds(fused, x, qw.data, qw.scale)
+            # Calls cycle through weight copies that together exceed the caches (--rotate-mib),
+            # so a weight comes from memory as in a model, not from a warm L3.
+            weight_bytes = k * n // (2 if kw["dtype"] == "int4" else 1)
+            count = max(1, -(-args.rotate_mib * 2**20 // weight_bytes))
+            quantized = [(x, d, s) for d, s in copies((qw.data, qw.scale), count)]
+            r["jax_wqmm"] = median_seconds(fused, *quantized)
             wqt.use_reference()
             try:  # a fresh jit: lowered now with the reference
                 ref = jax.jit(lambda x, d, s, g=g: wq.weight_quant_matmul_all_reduce(x, d, s, antiquant_group_size=g))
-                r["reference"] = median_seconds(ref, x, qw.data, qw.scale)
+                r["reference"] = median_seconds(ref, *quantized)
             finally:
                 wqt.use_default()
-            r["naive"] = median_seconds(naive, x, qw.data, qw.scale)
-            r["float"] = median_seconds(dense, x, w_act)
+            r["naive"] = median_seconds(naive, *quantized)
+            r["float"] = median_seconds(dense, *[(x, c) for c in copies(w_act, max(1, count // 2))])
             r["temp"] = temp_bytes(fused, x, qw.data, qw.scale)
             if qwix is not None:
                 tiled = {0: 128} if g else None
                 qa = qwix.quantize(w_act, jnp.int8 if kw["dtype"] == "int8" else jnp.int4,
                                    channelwise_axes=[1], tiled_axes=tiled)
                 qdot = jax.jit(lambda x, qa: qwix.dot_general(x, qa, (((1,), (0,)), ((), ()))))
-                r["qwix"] = median_seconds(qdot, x, qa)
-            weight_bytes = k * n // (2 if kw["dtype"] == "int4" else 1)
+                r["qwix"] = median_seconds(qdot, *[(x, c) for c in copies(qa, count)])
+            del quantized
             r["floor"] = weight_bytes / bw
             r["compute"] = m * k * n / peak if peak else None
             rows.append(r)

@@ -35,11 +35,12 @@ namespace {
 // A panel is a run of rows of W inside one group; its sums go through memory (raw, m x n)
 // once. Two ways to feed the dot products:
 // - direct (at most kDirectRows rows of x: memory-bound): each tile converts its codes as it
-//   goes, reading the panel's kDirectPanel rows side by side;
+//   goes, reading the panel's kDirectPanel rows side by side (few rows: DRAM serves many
+//   concurrent streams poorly);
 // - built (more rows: compute-bound): the panel's pairs are converted once, two rows of W at
 //   a time, into a buffer that every block of x rows reads. Panels are as long as keep that
 //   buffer (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
-constexpr int64_t kDirectRows = 2, kDirectPanel = 64;
+constexpr int64_t kDirectRows = 2, kDirectPanel = 16;
 int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
 // A tile: 64 columns, the four vectors of 16 lanes that one pair of rows converts to.
 constexpr int64_t kTile = 64;
@@ -259,8 +260,14 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
       PairCodes<kInt4>(a + at, b + at, std::min(kTile, p.n - j), buf + kVectors * (kp * tiles + jt));
     }
   }
+  // Direct panels read their rows side by side: the same columns of the next panel's rows are
+  // prefetched a panel ahead (hardware prefetchers do not keep up with that many streams).
+  const int64_t ahead = build ? 0 : std::min(rows, p.k - r0 - rows);
   for (int64_t jt = 0; jt < tiles; ++jt) {
     const int64_t j = jt * kTile;
+    for (int64_t r = 0; r < ahead; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + (rows + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
+    }
     const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
                  build ? buf + kVectors * jt : nullptr, kVectors * tiles, xp + r0 / 2, kpairs};
     const int64_t block = build ? kBuiltRows : kDirectRows;

@@ -63,7 +63,7 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
 @pytest.mark.parametrize("off", [False, True])
 def test_bf16_decode_kernel(m, wd, n, gran, g, off):
     """ND weights with bfloat16 activations: on AVX-512 BF16 machines the dot-product kernel
-    (codes converted tile by tile for int4 with m <= 2, else a panel's pairs built first). k = 417
+    (codes converted tile by tile for m <= 2, else a panel's pairs built first). k = 417
     is odd and leaves groups of 96 split over panels; n is not a multiple of the 32-column tile."""
     case = make_case(np.random.default_rng(m * 7 + len(gran)), weight_dtype=wd, granularity=gran,
                      offset=off, bias=True, x3=True, lead=(m,), k=417, n=n, group_size=g or 64)

@@ -40,7 +40,7 @@ namespace {
 // - built (more rows: compute-bound): the panel's pairs are converted once, two rows of W at
 //   a time, into a buffer that every block of x rows reads. Panels are as long as keep that
 //   buffer (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
-constexpr int64_t kDirectRows = 2, kDirectPanel = 16;
+constexpr int64_t kDirectRows = 2, kDirectPanel = 8;
 int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
 // A tile: 64 columns, the four vectors of 16 lanes that one pair of rows converts to.
 constexpr int64_t kTile = 64;

@@ -224,7 +224,7 @@ def _plot(rows, path):
     cols = [c for c in ("jax_wqmm", "reference", "naive", "qwix", "float", "floor", "compute")
             if any(r.get(c) is not None for r in rows)]
     labels = [f"{r['shape'][0]}x{r['shape'][1]}x{r['shape'][2]}\n{r['mode']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 5.5))
     width = 0.8 / len(cols)
     for i, c in enumerate(cols):
         ax.bar(np.arange(len(rows)) + i * width, [(r.get(c) or np.nan) * 1e3 for r in rows], width, label=c)
@@ -232,7 +232,7 @@ def _plot(rows, path):
     ax.set_yscale("log")
     ax.set_ylabel("ms per call (median, log scale)")
     ax.set_title(f"weight-only quantized matmul, bf16 activations, jax {jax.__version__}, CPU")
-    ax.legend()
+    ax.legend(ncol=len(cols), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

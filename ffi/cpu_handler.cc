@@ -30,6 +30,9 @@ ffi::Error FillWeight(cpu::Problem& p, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                       const ffi::AnyBuffer* offset, const Attrs& a) {
   auto act = FloatType(scale, "antiquant_scale");
   if (act.has_error()) return act.error();
+  if (*act == cpu::Float::kF32) {  // scale has x1's dtype, which the operator limits to these
+    return ffi::Error::InvalidArgument("antiquant_scale: the CPU kernel takes float16 or bfloat16");
+  }
   p.act = *act;
   p.k = a.k;
   p.n = a.n;
@@ -79,15 +82,9 @@ cpu::Workers PoolWorkers(ffi::ThreadPool pool) {
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                       ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
   const Attrs a = WQMM_ATTRS;
-  size_t i = 0;
-  std::optional<ffi::AnyBuffer> offset, bias, x3;
-  for (auto [present, slot] : {std::pair{a.has_offset, &offset}, std::pair{a.has_bias, &bias},
-                               std::pair{a.has_x3, &x3}}) {
-    if (!present) continue;
-    auto b = rest.get<ffi::AnyBuffer>(i++);
-    if (b.has_error()) return b.error();
-    *slot = *b;
-  }
+  auto optional = OptionalOperands(rest, {a.has_offset, a.has_bias, a.has_x3});
+  if (optional.has_error()) return optional.error();
+  const auto& [offset, bias, x3] = *optional;
   cpu::Problem p;
   if (auto e = FillWeight(p, x2, scale, offset ? &*offset : nullptr, a); e.failure()) return e;
   p.x1 = x1.untyped_data();
@@ -113,12 +110,10 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x2, ffi::AnyBuffe
                           ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS, int64_t col_begin,
                           int64_t col_end) {
   const Attrs a = WQMM_ATTRS;
-  std::optional<ffi::AnyBuffer> offset;
-  if (a.has_offset) {
-    auto b = rest.get<ffi::AnyBuffer>(0);
-    if (b.has_error()) return b.error();
-    offset = *b;
-  }
+  // Only the offset follows x2 and scale here (the flags still say whether bias / x3 exist).
+  auto optional = OptionalOperands(rest, {a.has_offset, false, false});
+  if (optional.has_error()) return optional.error();
+  const std::optional<ffi::AnyBuffer>& offset = (*optional)[0];
   cpu::Problem p;
   if (auto e = FillWeight(p, x2, scale, offset ? &*offset : nullptr, a); e.failure()) return e;
   if (col_begin < 0 || col_end > a.n || col_begin >= col_end) {

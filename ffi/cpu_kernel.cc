@@ -3,13 +3,14 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <tuple>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "decode_bf16.h"
+#include "float_bits.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -17,22 +18,6 @@
 
 namespace jax_wqmm::cpu {
 namespace {
-
-#define WQMM_INLINE inline __attribute__((always_inline))
-
-WQMM_INLINE float Bf16ToF32(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-WQMM_INLINE uint16_t F32ToBf16(float f) {  // round to nearest even (NaN stays NaN)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 WQMM_INLINE float F16ToF32(uint16_t h) {
   uint32_t s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
@@ -92,10 +77,9 @@ void ToF32(const void* p, Float t, int64_t count, float* out) {
   for (int64_t i = 0; i < count; ++i) out[i] = Load(p, t, i);
 }
 
-// Scale and offset of one row (k index) of the weight, as float rows over [0, n) or scalars.
+// Scale and offset of one row (k index) of the weight, as float rows over [0, n).
 struct QuantParams {
-  std::vector<float> scale, offset;  // (groups, n) / (1, n) / (1,) as float
-  bool per_tensor = false;
+  std::vector<float> scale, offset;  // (groups, n) or (1, n) rows as float
   int64_t group = 0, n = 0;
   const float* scale_row(int64_t kk) const { return scale.data() + (group ? (kk / group) * n : 0); }
   const float* offset_row(int64_t kk) const {
@@ -107,7 +91,6 @@ QuantParams MakeQuantParams(const Problem& p) {
   QuantParams q;
   q.group = p.group_size;
   q.n = p.n;
-  q.per_tensor = p.group_size == 0 && p.scale_count == 1;
   int64_t count = p.scale_count;
   q.scale.resize(count);
   ToF32(p.scale, p.act, count, q.scale.data());
@@ -115,7 +98,7 @@ QuantParams MakeQuantParams(const Problem& p) {
     q.offset.resize(count);
     ToF32(p.offset, p.act, count, q.offset.data());
   }
-  if (q.per_tensor) {  // broadcast to a row so every path is per-channel-shaped
+  if (p.per_tensor()) {  // broadcast to a row so every path is per-channel-shaped
     q.scale.assign(p.n, q.scale[0]);
     if (p.offset) q.offset.assign(p.n, q.offset[0]);
   }
@@ -201,7 +184,7 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
     const int64_t r1 = std::min(k1, (r0 / panel + 1) * panel);
     const float* __restrict s = q.scale_row(r0);
     const float* __restrict o = kOffset ? q.offset_row(r0) : nullptr;
-    for (int64_t r = 0; r < m; ++r) {
+    for (int64_t r = 0; r < (kOffset ? m : 0); ++r) {  // sum_k x, for the offset term
       float acc = 0.0f;
       for (int64_t kk = r0; kk < r1; ++kk) acc += x[r * p.k + kk];
       xs[r] = acc;
@@ -247,7 +230,7 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
         }
       } else {
       // The panel's codes as floats (rows x len, in L2), then a register-blocked product:
-      // 4 rows of x by 16 columns of accumulators stay in registers across the panel.
+      // kRows rows of x by kLanes columns of accumulators stay in registers across the panel.
       for (int64_t kk = r0; kk < r1; ++kk) CodesRowND<kInt4>(p, kk, j0, len, pbuf.data() + (kk - r0) * len);
       const int64_t full = len / kLanes * kLanes;
       for (int64_t r = 0; r < m; r += kRows) {
@@ -330,7 +313,7 @@ WQMM_INLINE void MatmulColsT(const Problem& p, const QuantParams& q, const float
 template <bool kInt4, bool kOffset>
 WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0, int64_t r1) {
   // Rows [r0, r1) of W[:, c0:c1], in the activation dtype.
-  const int64_t c0 = p.col_begin, c1 = p.col_end < 0 ? p.n : p.col_end, width = c1 - c0;
+  const int64_t c0 = p.col_begin, c1 = p.col_end, width = c1 - c0;
   std::vector<float> buf(width);
   for (int64_t kk = r0; kk < r1; ++kk) {
     if (!p.transposed) {
@@ -342,11 +325,7 @@ WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0,
     const float* __restrict b = buf.data();
     if (p.act == Float::kBF16) {
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        uint32_t u;
-        std::memcpy(&u, &b[j], 4);
-        out[j] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // finite: RNE
-      }
+      for (int64_t j = 0; j < width; ++j) out[j] = F32ToBf16(b[j]);
     } else {
       for (int64_t j = 0; j < width; ++j) out[j] = F32ToF16(b[j]);
     }
@@ -390,9 +369,13 @@ void ParallelFor(const Workers& w, int64_t total, int64_t align, int threads, F&
 // The hot loops, one copy per instruction set: the always-inline templates above are
 // inlined into each and vectorized for its target. Nothing is built with -march=native;
 // the copy is chosen at run time (Detect).
-using ColsFn = void (*)(const Problem&, const QuantParams&, const float*, float*, int64_t, int64_t);
-using PartialFn = void (*)(const Problem&, const QuantParams&, const float*, float*, int64_t, int64_t);
+using MatmulFn = void (*)(const Problem&, const QuantParams&, const float*, float*, int64_t, int64_t);
 using RowsFn = void (*)(const Problem&, const QuantParams&, int64_t, int64_t);
+struct Kernels {
+  MatmulFn cols;     // transposed storage: columns [c0, c1) of y
+  MatmulFn rows_nd;  // ND storage: the partial y over the k slice [k0, k1)
+  RowsFn dequant;    // rows [r0, r1) of W
+};
 
 #define WQMM_WORKERS(suffix, attr)                                                            \
   attr void MatmulCols##suffix(const Problem& p, const QuantParams& q, const float* x,        \
@@ -407,7 +390,8 @@ using RowsFn = void (*)(const Problem&, const QuantParams&, int64_t, int64_t);
   attr void DequantRows##suffix(const Problem& p, const QuantParams& q, int64_t r0,           \
                                 int64_t r1) {                                                 \
     WQMM_DISPATCH(DequantRows, p, q, r0, r1);                                                 \
-  }
+  }                                                                                           \
+  constexpr Kernels k##suffix{MatmulCols##suffix, MatmulRowsND##suffix, DequantRows##suffix};
 
 #if defined(__x86_64__)
 WQMM_WORKERS(Avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))))
@@ -442,44 +426,24 @@ IsaLevel Detect() {
   return level;
 }
 
-ColsFn Cols() {
+// The copy for this machine; AVX-512 BF16 machines take the AVX-512 copies here (bf16
+// activations mostly take DecodeBf16 there, decode_bf16.h).
+const Kernels& Selected() {
   switch (Detect()) {
 #if defined(__x86_64__)
     case IsaLevel::kAvx512Bf16:
-    case IsaLevel::kAvx512: return MatmulColsAvx512;
-    case IsaLevel::kAvx2: return MatmulColsAvx2;
+    case IsaLevel::kAvx512: return kAvx512;
+    case IsaLevel::kAvx2: return kAvx2;
 #endif
-    default: return MatmulColsPortable;
-  }
-}
-
-PartialFn RowsND() {
-  switch (Detect()) {
-#if defined(__x86_64__)
-    case IsaLevel::kAvx512Bf16:  // bf16 activations mostly take DecodeBf16 (decode_bf16.h)
-    case IsaLevel::kAvx512: return MatmulRowsNDAvx512;
-    case IsaLevel::kAvx2: return MatmulRowsNDAvx2;
-#endif
-    default: return MatmulRowsNDPortable;
-  }
-}
-
-RowsFn Rows() {
-  switch (Detect()) {
-#if defined(__x86_64__)
-    case IsaLevel::kAvx512Bf16:
-    case IsaLevel::kAvx512: return DequantRowsAvx512;
-    case IsaLevel::kAvx2: return DequantRowsAvx2;
-#endif
-    default: return DequantRowsPortable;
+    default: return kPortable;
   }
 }
 
 // Rows of ND storage are contiguous: split k, each thread streams its rows once into a partial
 // y of its own (rows(out, k0, k1)), then the partials are summed into y.
 template <typename F>
-void SplitK(const Workers& w, const Problem& p, int64_t group, int threads, float* y, F&& rows) {
-  const int64_t align = group ? std::max<int64_t>(group, kPanel) : kPanel;
+void SplitK(const Workers& w, const Problem& p, int threads, float* y, F&& rows) {
+  const int64_t align = p.group_size ? std::max<int64_t>(p.group_size, kPanel) : kPanel;
   const int64_t per = ((p.k + threads - 1) / threads + align - 1) / align * align;
   const int parts = static_cast<int>((p.k + per - 1) / per);
   std::vector<std::vector<float>> partial(parts > 1 ? parts - 1 : 0, std::vector<float>(p.m * p.n));
@@ -547,19 +511,19 @@ void Matmul(const Problem& p, const Workers& workers) {
   const int threads = Threads(workers, p.m * p.k * p.n);
   if (!p.transposed && Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p)) {
     const std::vector<uint32_t> xp = PairActivations(p);
-    SplitK(workers, p, p.group_size, threads, y.data(),
+    SplitK(workers, p, threads, y.data(),
            [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
   } else {
     QuantParams q = MakeQuantParams(p);
     std::vector<float> x(p.m * p.k);
     ToF32(p.x1, p.act, p.m * p.k, x.data());
     if (p.transposed) {  // columns are contiguous along k: split the columns
-      const ColsFn cols = Cols();
+      const MatmulFn cols = Selected().cols;
       ParallelFor(workers, p.n, 64, threads,
                   [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y.data(), c0, c1); });
     } else {
-      const PartialFn rows = RowsND();
-      SplitK(workers, p, q.group, threads, y.data(),
+      const MatmulFn rows = Selected().rows_nd;
+      SplitK(workers, p, threads, y.data(),
              [&](float* out, int64_t k0, int64_t k1) { rows(p, q, x.data(), out, k0, k1); });
     }
   }
@@ -580,8 +544,8 @@ void Matmul(const Problem& p, const Workers& workers) {
 
 void Dequantize(const Problem& p, const Workers& workers) {
   QuantParams q = MakeQuantParams(p);
-  const RowsFn rows = Rows();
-  const int64_t width = (p.col_end < 0 ? p.n : p.col_end) - p.col_begin;
+  const RowsFn rows = Selected().dequant;
+  const int64_t width = p.col_end - p.col_begin;
   ParallelFor(workers, p.k, 16, Threads(workers, p.k * width * 8),
               [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
 }

@@ -1,6 +1,6 @@
-// A CPU kernel for the operator's local part: y = x1 @ ((x2 + offset) * scale) + bias + x3,
-// reading the quantized weight once (dequantized a row segment at a time into L1), and a
-// dequantize-only kernel for large m (XLA's dot then does the multiply).
+// CPU kernels for the operator's local part: y = x1 @ ((x2 + offset) * scale) + bias + x3,
+// reading the quantized weight once (codes converted in cache, scale and offset applied once
+// per panel or group), and a dequantize-only kernel for large m (XLA's dot then multiplies).
 #ifndef JAX_WQMM_CPU_KERNEL_H_
 #define JAX_WQMM_CPU_KERNEL_H_
 
@@ -23,12 +23,13 @@ struct Problem {
   const void* offset = nullptr;    // same shape, or null
   int64_t group_size = 0;          // 0: per-tensor / per-channel from scale_count
   int64_t scale_count = 1;         // elements of scale
+  bool per_tensor() const { return group_size == 0 && scale_count == 1; }
   const void* bias = nullptr;      // (n,), bias_dtype
   Float bias_dtype = Float::kBF16;
   const void* x3 = nullptr;        // (m, n), x3_dtype
   Float x3_dtype = Float::kBF16;
   void* out = nullptr;             // (m, n) act, or the (k, c1 - c0) weight for Dequantize
-  int64_t col_begin = 0, col_end = -1;  // Dequantize: the columns [c0, c1) of W (-1: n)
+  int64_t col_begin = 0, col_end = 0;  // Dequantize: the columns [col_begin, col_end) of W
 };
 
 // Where the kernels run their parallel parts: run(tasks, body) calls body(i) once for each i in

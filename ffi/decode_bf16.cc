@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "float_bits.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -30,7 +32,6 @@ std::vector<uint32_t> PairActivations(const Problem& p) {
 namespace {
 
 #define WQMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define WQMM_INLINE inline __attribute__((always_inline))
 
 // A panel is a run of rows of W inside one group; its sums go through memory (raw, m x n)
 // once. Two ways to feed the dot products:
@@ -114,13 +115,6 @@ WQMM_BF16 WQMM_INLINE __m512 LoadBf16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
-float Bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // What a panel does with its sums: the first panel of a group stores them, the middle ones
 // add, the last folds raw + sums into y with the group's scale and offset:
 // y += s * (sum_k x q + o * sum_k x).
@@ -130,8 +124,7 @@ struct Group {
   const uint16_t* scale = nullptr;   // bf16 row (n) of this group; null: per tensor (s0)
   const uint16_t* offset = nullptr;  // bf16 row (n); null: per tensor (o0) or no offset
   float s0 = 0, o0 = 0;
-  bool has_offset = false;
-  const float* xs = nullptr;  // (m,) sum of x over the group's rows
+  const float* xs = nullptr;  // (m,) sum of x over the group's rows; null: no offset
 };
 
 struct Tile {
@@ -215,7 +208,7 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
           sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], raw + 16 * v), sum);
           [[fallthrough]];
         case Mode::kFold:
-          if (g.has_offset) sum = _mm512_fmadd_ps(off[v], _mm512_set1_ps(g.xs[o.r + rr]), sum);
+          if (g.xs) sum = _mm512_fmadd_ps(off[v], _mm512_set1_ps(g.xs[o.r + rr]), sum);
           _mm512_mask_storeu_ps(y + 16 * v, mk[v],
                                 _mm512_fmadd_ps(s[v], sum, _mm512_maskz_loadu_ps(mk[v], y + 16 * v)));
           break;
@@ -295,15 +288,13 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   auto* buf = direct ? nullptr : reinterpret_cast<__m512i*>(built.data());
   const auto* scale = static_cast<const uint16_t*>(p.scale);
   const auto* offset = static_cast<const uint16_t*>(p.offset);
-  const bool per_tensor = p.group_size == 0 && p.scale_count == 1;
   const auto* x1 = static_cast<const uint16_t*>(p.x1);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span), row = p.group_size ? g0 / p.group_size * n : 0;
     Group g;
-    g.has_offset = offset != nullptr;
-    if (per_tensor) {
-      g.s0 = Bf16(scale[0]);
-      g.o0 = offset ? Bf16(offset[0]) : 0.0f;
+    if (p.per_tensor()) {
+      g.s0 = Bf16ToF32(scale[0]);
+      g.o0 = offset ? Bf16ToF32(offset[0]) : 0.0f;
     } else {
       g.scale = scale + row;
       g.offset = offset ? offset + row : nullptr;
@@ -311,7 +302,7 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
     if (offset) {
       for (int64_t r = 0; r < m; ++r) {
         float sum = 0.0f;
-        for (int64_t kk = g0; kk < g1; ++kk) sum += Bf16(x1[r * p.k + kk]);
+        for (int64_t kk = g0; kk < g1; ++kk) sum += Bf16ToF32(x1[r * p.k + kk]);
         xs[r] = sum;
       }
       g.xs = xs.data();

@@ -41,9 +41,9 @@ const CannApi& RequireApi() {
   return lib->api;
 }
 
-void CheckHccl(int result, const char* call) {
+void CheckHccl(const CannApi& api, int result, const char* call) {
   if (result != HCCL_SUCCESS) {
-    std::string detail = CannLibrary::Get().Current() ? RequireApi().RecentErrorMessage() : "";
+    std::string detail = api.RecentErrorMessage();
     throw std::runtime_error(std::string(call) + " returned " + std::to_string(result) +
                              (detail.empty() ? "" : ": " + detail));
   }
@@ -51,7 +51,7 @@ void CheckHccl(int result, const char* call) {
 
 std::string CommName(const CannApi& api, HcclComm comm) {
   char name[HCCL_COMM_NAME_MAX + 1] = {0};
-  CheckHccl(api.HcclGetCommName(comm, name), "HcclGetCommName");
+  CheckHccl(api, api.HcclGetCommName(comm, name), "HcclGetCommName");
   return std::string(name);
 }
 
@@ -88,7 +88,6 @@ NB_MODULE(_wqmm_ffi, m) {
     auto lib = CannLibrary::Get().Current();
     return lib ? lib->paths : std::map<std::string, std::string>();
   });
-  m.def("library_roles", []() { return jax_wqmm::LibraryRoles(); });
 
   // ------------------------------------------------------------------ group registry
   m.def("register_group", &jax_wqmm::RegisterGroup, nb::arg("axis"), nb::arg("device"),
@@ -101,18 +100,12 @@ NB_MODULE(_wqmm_ffi, m) {
   });
 
   // ------------------------------------------------------------------ HCCL / ACL calls
-  m.def("acl_set_device", [](int32_t device) {
-    const CannApi& api = RequireApi();
-    if (api.aclrtSetDevice == nullptr) throw std::runtime_error("aclrtSetDevice is not available");
-    int r = api.aclrtSetDevice(device);
-    if (r != 0) throw std::runtime_error("aclrtSetDevice returned " + std::to_string(r));
-  });
   m.def("hccl_comm_init_all", [](std::vector<int32_t> devices) {
     const CannApi& api = RequireApi();
     std::vector<HcclComm> comms(devices.size(), nullptr);
     {
       nb::gil_scoped_release release;
-      CheckHccl(api.HcclCommInitAll(static_cast<uint32_t>(devices.size()), devices.data(),
+      CheckHccl(api, api.HcclCommInitAll(static_cast<uint32_t>(devices.size()), devices.data(),
                                     comms.data()),
                 "HcclCommInitAll");
     }
@@ -123,7 +116,7 @@ NB_MODULE(_wqmm_ffi, m) {
   m.def("hccl_get_root_info", []() {
     const CannApi& api = RequireApi();
     HcclRootInfo info;
-    CheckHccl(api.HcclGetRootInfo(&info), "HcclGetRootInfo");
+    CheckHccl(api, api.HcclGetRootInfo(&info), "HcclGetRootInfo");
     return nb::bytes(info.internal, sizeof(info.internal));
   });
   m.def("hccl_comm_init_root_info", [](int32_t device, uint32_t nranks, nb::bytes root,
@@ -139,11 +132,12 @@ NB_MODULE(_wqmm_ffi, m) {
         int r = api.aclrtSetDevice(device);
         if (r != 0) throw std::runtime_error("aclrtSetDevice returned " + std::to_string(r));
       }
-      CheckHccl(api.HcclCommInitRootInfo(nranks, &info, rank, &comm), "HcclCommInitRootInfo");
+      CheckHccl(api, api.HcclCommInitRootInfo(nranks, &info, rank, &comm), "HcclCommInitRootInfo");
     }
     return std::make_pair(reinterpret_cast<uintptr_t>(comm), CommName(api, comm));
   });
   m.def("hccl_comm_destroy", [](uintptr_t handle) {
-    CheckHccl(RequireApi().HcclCommDestroy(reinterpret_cast<HcclComm>(handle)), "HcclCommDestroy");
+    const CannApi& api = RequireApi();
+    CheckHccl(api, api.HcclCommDestroy(reinterpret_cast<HcclComm>(handle)), "HcclCommDestroy");
   });
 }

@@ -3,7 +3,9 @@
 #ifndef JAX_WQMM_WQMM_ATTRS_H_
 #define JAX_WQMM_WQMM_ATTRS_H_
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 #include "xla/ffi/api/ffi.h"
@@ -17,6 +19,21 @@ struct Attrs {
   int32_t x2_format, x2_dtype;
   std::string_view reduce_op;
 };
+
+// antiquant_offset, bias and x3 from the operands after x1, x2 and scale, in that order, by
+// the `present` flags; absent ones stay empty.
+inline xla::ffi::ErrorOr<std::array<std::optional<xla::ffi::AnyBuffer>, 3>> OptionalOperands(
+    xla::ffi::RemainingArgs rest, std::array<bool, 3> present) {
+  std::array<std::optional<xla::ffi::AnyBuffer>, 3> out;
+  size_t i = 0;
+  for (size_t j = 0; j < out.size(); ++j) {
+    if (!present[j]) continue;
+    auto b = rest.get<xla::ffi::AnyBuffer>(i++);
+    if (b.has_error()) return xla::ffi::Unexpected(b.error());
+    out[j] = *b;
+  }
+  return out;
+}
 
 }  // namespace jax_wqmm
 

@@ -149,11 +149,11 @@ ffi::Error StageError(const CannApi& api, const char* stage, aclnnStatus status)
 // Allocates the workspace; returns null with an error on failure.
 using WorkspaceFn = void* (*)(void* ctx, uint64_t bytes);
 
-ffi::Error Run(void* stream, WorkspaceFn workspace, void* workspace_ctx, int32_t device,
-               ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
-               ffi::Result<ffi::AnyBuffer> out, const Attrs& a) {
-  // Held for the whole call: a reload meanwhile cannot unload what this call uses.
-  const std::shared_ptr<const LoadedCann> lib = CannLibrary::Get().Current();
+// lib: the caller's load of the CANN libraries (null: none), held for the whole call so that
+// a reload meanwhile cannot unload what this call uses.
+ffi::Error Run(const LoadedCann* lib, void* stream, WorkspaceFn workspace, void* workspace_ctx,
+               int32_t device, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
+               ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, const Attrs& a) {
   if (lib == nullptr) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       "jax_wqmm: the CANN libraries are not loaded:\n" + CannLibrary::Get().report());
@@ -195,15 +195,14 @@ ffi::Error Run(void* stream, WorkspaceFn workspace, void* workspace_ctx, int32_t
   auto t_scale = Create(*api, *d_scale, scale.untyped_data(), "antiquant_scale");
   if (t_scale.has_error()) return t_scale.error();
 
+  auto optional = OptionalOperands(rest, {a.has_offset, a.has_bias, a.has_x3});
+  if (optional.has_error()) return optional.error();
   Tensor t_offset, t_bias, t_x3;
-  size_t i = 0;
   const char* names[3] = {"antiquant_offset", "bias", "x3"};
   Tensor* slots[3] = {&t_offset, &t_bias, &t_x3};
-  bool present[3] = {a.has_offset, a.has_bias, a.has_x3};
   for (int j = 0; j < 3; ++j) {
-    if (!present[j]) continue;
-    auto b = rest.get<ffi::AnyBuffer>(i++);
-    if (b.has_error()) return b.error();
+    const std::optional<ffi::AnyBuffer>& b = (*optional)[j];
+    if (!b) continue;
     auto d = Plain(*b, names[j]);
     if (d.has_error()) return d.error();
     auto t = Create(*api, *d, b->untyped_data(), names[j]);
@@ -250,7 +249,8 @@ void* HostWorkspace(void* ctx, uint64_t bytes) {
 ffi::Error DeviceImpl(void* stream, ffi::ScratchAllocator scratch, int32_t device,
                       ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                       ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
-  return Run(stream, DeviceWorkspace, &scratch, device, x1, x2, scale, rest, out, WQMM_ATTRS);
+  const std::shared_ptr<const LoadedCann> lib = CannLibrary::Get().Current();
+  return Run(lib.get(), stream, DeviceWorkspace, &scratch, device, x1, x2, scale, rest, out, WQMM_ATTRS);
 }
 
 ffi::Error HostImpl(int32_t device, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
@@ -265,7 +265,7 @@ ffi::Error HostImpl(int32_t device, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::A
     }
   }
   std::vector<uint8_t> workspace;
-  return Run(nullptr, HostWorkspace, &workspace, device, x1, x2, scale, rest, out, WQMM_ATTRS);
+  return Run(lib.get(), nullptr, HostWorkspace, &workspace, device, x1, x2, scale, rest, out, WQMM_ATTRS);
 }
 
 ffi::Error NoopImpl(int32_t, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::RemainingArgs,

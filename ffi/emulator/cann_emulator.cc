@@ -240,11 +240,12 @@ std::shared_ptr<Group> FindGroup(const std::string& name) {
   return it == Groups().end() ? nullptr : it->second;
 }
 
-struct Comm {
+struct Comm {  // ranks come from the group's device_to_rank
   std::shared_ptr<Group> group;
-  int rank;
-  int32_t device;
 };
+
+// Whether x2's (k, n) view is transposed storage (n, k): strides (1, k).
+bool Transposed(const aclTensor& x2) { return x2.strides[0] == 1 && x2.strides[1] != 1; }
 
 // Sums ``local`` over the group's ranks; every rank gets the rounded sum.
 aclnnStatus AllReduce(Group& g, int rank, aclDataType out_dtype, std::vector<float>* data) {
@@ -352,7 +353,7 @@ EMU_EXPORT HcclResult HcclCommInitAll(uint32_t ndev, int32_t* devices, HcclComm*
   std::lock_guard<std::mutex> lock(g->mu);
   for (uint32_t i = 0; i < ndev; ++i) {
     g->device_to_rank[devices[i]] = static_cast<int>(i);
-    comms[i] = new Comm{g, static_cast<int>(i), devices[i]};
+    comms[i] = new Comm{g};
   }
   return HCCL_SUCCESS;
 }
@@ -384,7 +385,7 @@ EMU_EXPORT HcclResult HcclCommInitRootInfo(uint32_t nRanks, const HcclRootInfo* 
     t_error = "HcclCommInitRootInfo: timed out waiting for the other ranks";
     return 9;  // HCCL_E_TIMEOUT
   }
-  *comm = new Comm{g, static_cast<int>(rank), t_device};
+  *comm = new Comm{g};
   return HCCL_SUCCESS;
 }
 
@@ -432,7 +433,7 @@ aclnnStatus Check(const aclTensor* x1, const aclTensor* x2, const aclTensor* bia
   if (x2->format == ACL_FORMAT_FRACTAL_NZ) {
     if (wd != ACL_INT8 && wd != ACL_INT4) return invalid("FRACTAL_NZ x2 must be INT8 or INT4");
     const int64_t c0 = wd == ACL_INT4 ? 64 : 32;
-    bool transposed = x2->strides[0] == 1 && x2->strides[1] != 1;
+    bool transposed = Transposed(*x2);
     int64_t rows = transposed ? n : k, cols = transposed ? k : n;
     std::vector<int64_t> want = {(cols + c0 - 1) / c0, (rows + 15) / 16, 16, c0};
     if (x2->storage != want) return invalid("FRACTAL_NZ x2 storage " + Dims(x2->storage) + " != " + Dims(want));
@@ -469,7 +470,7 @@ aclnnStatus Check(const aclTensor* x1, const aclTensor* x2, const aclTensor* bia
 // Index into x2's storage of logical element (i, j) of its (k, n) view.
 int64_t WeightIndex(const aclTensor& x2, int64_t i, int64_t j) {
   if (x2.format == ACL_FORMAT_FRACTAL_NZ) {
-    bool transposed = x2.strides[0] == 1 && x2.strides[1] != 1;
+    bool transposed = Transposed(x2);
     int64_t r = transposed ? j : i, c = transposed ? i : j;  // element of the stored matrix
     int64_t r1 = x2.storage[1], c0 = x2.storage[3];
     return ((c / c0) * r1 + r / 16) * 16 * c0 + (r % 16) * c0 + (c % c0);

@@ -62,11 +62,7 @@ def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
             *pack_operands(x2, scale, offset), col_begin=np.int64(c0), col_end=np.int64(c1), **attrs)
         parts.append(reference.matmul_f32(x1, w))
     acc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-    if bias is not None:
-        acc = acc + bias.astype(jnp.float32)
-    if x3 is not None:
-        acc = acc + x3.astype(jnp.float32)
-    return acc.astype(spec.out_dtype)
+    return reference.add_bias_x3(acc, bias, x3, spec)
 
 
 def _impl(*operands, spec: WqmmSpec):

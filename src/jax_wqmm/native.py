@@ -94,15 +94,15 @@ def configure_cann(
       op_library: the op library's file name or path (default ``libopapi.so``).
       library_names: file name or path per role: "ascendcl", "nnopbase", "hccl", "opapi".
     """
+    names = dict(library_names or {})
+    if op_library is not None:
+        names["opapi"] = os.fspath(op_library)
+    unknown = set(names) - set(DEFAULT_LIBRARY_NAMES)
+    if unknown:  # before any setting changes
+        raise ValueError(f"library_names: unknown roles {sorted(unknown)}; "
+                         f"the roles are {sorted(DEFAULT_LIBRARY_NAMES)}")
     with _lock:
         _config["lib_dirs"] = None if lib_dirs is None else [os.fspath(d) for d in lib_dirs]
-        names = dict(library_names or {})
-        if op_library is not None:
-            names["opapi"] = os.fspath(op_library)
-        unknown = set(names) - set(DEFAULT_LIBRARY_NAMES)
-        if unknown:
-            raise ValueError(f"library_names: unknown roles {sorted(unknown)}; "
-                             f"the roles are {sorted(DEFAULT_LIBRARY_NAMES)}")
         _config["names"] = names
         if extension.cache_info().currsize:  # loaded before: drop it, the next use reloads
             extension().unload_cann()

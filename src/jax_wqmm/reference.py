@@ -18,6 +18,8 @@ __all__ = [
     "weight_matrix",
     "expand_quant_param",
     "dequantize",
+    "matmul_f32",
+    "add_bias_x3",
     "local_matmul",
     "apply",
     "weight_quant_matmul_all_reduce_reference",
@@ -64,14 +66,18 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
                            preferred_element_type=jnp.float32)
 
 
-def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
-    """One rank's share: ``x1 @ ((x2 + offset) * scale) + bias + x3`` in the output dtype."""
-    acc = matmul_f32(x1, dequantize(x2, scale, offset, spec))
+def add_bias_x3(acc: jax.Array, bias, x3, spec: WqmmSpec) -> jax.Array:
+    """``acc + bias + x3`` (float32, either may be None) in the output dtype."""
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
     if x3 is not None:
         acc = acc + x3.astype(jnp.float32)
     return acc.astype(spec.out_dtype)
+
+
+def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
+    """One rank's share: ``x1 @ ((x2 + offset) * scale) + bias + x3`` in the output dtype."""
+    return add_bias_x3(matmul_f32(x1, dequantize(x2, scale, offset, spec)), bias, x3, spec)
 
 
 def all_reduce(y: jax.Array, spec: WqmmSpec) -> jax.Array:

@@ -3,7 +3,7 @@
 The emulator (``libwqmm_cann_emulator.so``, built next to the extension) exports the CANN
 symbols the handler calls and computes the operator on host memory, with a real all-reduce
 across the device threads. :func:`use_emulator` points the loader at it and lowers the
-primitive on the CPU platform through the native FFI handler instead of the jnp reference::
+primitive on the CPU platform through the native FFI handler instead of the default CPU lowering::
 
     import jax_wqmm.testing as wqt
     emu = wqt.use_emulator()
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jax.interpreters import mlir
 
-from . import hccl, native
+from . import native
 from .hccl import create_groups, destroy_groups  # re-exported for convenience
 
 __all__ = ["Emulator", "emulator_library_path", "use_emulator", "use_reference", "emulated_npu",

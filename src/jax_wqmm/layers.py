@@ -13,6 +13,7 @@ a :class:`~jax_wqmm.QuantizedWeight` for ``shard_map``'s ``in_specs``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -42,14 +43,6 @@ def column_parallel_linear(x: jax.Array, qw: QuantizedWeight, *, bias: jax.Array
     return quant_matmul(x, qw, bias=bias)
 
 
-def _first_rank(axes: tuple[str, ...]) -> jax.Array:
-    idx = [lax.axis_index(a) for a in axes]
-    first = idx[0] == 0
-    for i in idx[1:]:
-        first = first & (i == 0)
-    return first
-
-
 def row_parallel_linear(
     x: jax.Array,
     qw: QuantizedWeight,
@@ -72,7 +65,7 @@ def row_parallel_linear(
       x.shape[:-1] + (n,) in x's dtype, invariant over ``axis_name``.
     """
     axes = normalize_axis_name(axis_name)
-    first = _first_rank(axes)
+    first = lax.axis_index(axes) == 0  # rank 0 over all the axes together
     once = lambda t: None if t is None else jnp.where(first, t, jnp.zeros_like(t))
     return quant_matmul(x, qw, bias=once(bias), x3=once(residual), axis_name=axes)
 
@@ -82,9 +75,7 @@ def _specs(qw: QuantizedWeight, data: P, channel: P, group: P) -> QuantizedWeigh
     granularity = ("per_group" if qw.group_size else
                    "per_tensor" if qw.scale.size == 1 else "per_channel")
     q = per[granularity]
-    return QuantizedWeight(data=data, scale=q, offset=None if qw.offset is None else q,
-                           dtype=qw.dtype, group_size=qw.group_size, shape=qw.shape,
-                           transpose=qw.transpose, format=qw.format)
+    return dataclasses.replace(qw, data=data, scale=q, offset=None if qw.offset is None else q)
 
 
 def column_parallel_specs(qw: QuantizedWeight, axis_name: str = "tp") -> QuantizedWeight:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from . import primitive
 from .quantize import QuantizedWeight
-from .spec import ConstraintError, make_spec, pack_operands, unpack_operands
+from .spec import ConstraintError, make_spec, pack_operands
 
 __all__ = ["weight_quant_matmul_all_reduce", "quant_matmul"]
 
@@ -69,7 +69,7 @@ def weight_quant_matmul_all_reduce(
                 f"mesh axis {unbound[0]!r} is not bound here: call inside jax.shard_map over a "
                 "mesh with that axis, or pass axis_name=None for no reduction")
     operands = primitive.reconcile_varying(pack_operands(*arrays), spec.axis_name)
-    return primitive.bind(spec, *unpack_operands(spec, operands))
+    return primitive.wqmm_p.bind(*operands, spec=spec)
 
 
 def quant_matmul(
@@ -93,6 +93,4 @@ def quant_matmul(
     scale = qw.scale.astype(x.dtype)
     offset = None if qw.offset is None else qw.offset.astype(x.dtype)
     return weight_quant_matmul_all_reduce(
-        x, qw.data, scale, offset, bias, x3, axis_name=axis_name,
-        antiquant_group_size=qw.group_size, transpose_x2=qw.transpose, x2_format=qw.format,
-        x2_dtype="hifloat8" if qw.dtype == "hifloat8" else None)
+        x, qw.data, scale, offset, bias, x3, axis_name=axis_name, **qw.call_options)

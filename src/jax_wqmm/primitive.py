@@ -153,17 +153,15 @@ def _jvp_rule(primals, tangents, *, spec: WqmmSpec):
         tx1, tb, tx3 = lin
         if tx1 is None:
             tx1 = ad.instantiate_zeros(dx1)
-        lin_spec = respec(spec, tx1, x2, scale, offset, tb, tx3)
+        # tangents have their primals' shapes and dtypes: only bias / x3 presence changes
+        lin_spec = dataclasses.replace(spec, bias_dtype=spec.bias_dtype if tb is not None else None,
+                                       x3_dtype=spec.x3_dtype if tx3 is not None else None)
         terms.append(bind(lin_spec, tx1, x2, scale, offset, tb, tx3))
     # Through the weight: x1 @ d[(x2 + offset) * scale], then the same all-reduce (plain jnp).
     if not (_is_zero(dscale) and _is_zero(doffset)):
-        dt = jnp.dtype(spec.act_dtype)
         dw = 0.0
-        if not _is_zero(dscale):
-            base = reference.weight_matrix(x2, spec).astype(dt)
-            if offset is not None:
-                base = base + reference.expand_quant_param(offset, spec).astype(dt)
-            dw = dw + base * reference.expand_quant_param(dscale, spec).astype(dt)
+        if not _is_zero(dscale):  # (x2 + offset) * dscale
+            dw = reference.dequantize(x2, dscale, offset, spec)
         if not _is_zero(doffset):
             dw = dw + reference.expand_quant_param(doffset, spec) * reference.expand_quant_param(scale, spec)
         terms.append(reference.all_reduce(reference.matmul_f32(x1, dw).astype(spec.out_dtype), spec))
@@ -195,7 +193,6 @@ def _transpose_rule(ct, *operands, spec: WqmmSpec):
             ct = lax.pcast(ct, missing, to="varying")
     elif axes:
         ct = lax.psum(ct, axes)
-    ct32 = ct.astype(jnp.float32)
     out = [None] * 6
     if ad.is_undefined_primal(x1):
         w = reference.dequantize(x2, scale, offset, spec)
@@ -203,7 +200,7 @@ def _transpose_rule(ct, *operands, spec: WqmmSpec):
                               preferred_element_type=jnp.float32)
         out[0] = gx1.astype(x1.aval.dtype)
     if bias is not None and ad.is_undefined_primal(bias):
-        out[4] = ct32.reshape(-1, spec.n).sum(axis=0).astype(bias.aval.dtype)
+        out[4] = ct.astype(jnp.float32).reshape(-1, spec.n).sum(axis=0).astype(bias.aval.dtype)
     if x3 is not None and ad.is_undefined_primal(x3):
         out[5] = ct.astype(x3.aval.dtype)
     present = [v is not None for v in (x1, x2, scale, offset, bias, x3)]

@@ -62,6 +62,13 @@ class QuantizedWeight:
             extra += self.offset.size * self.offset.dtype.itemsize
         return weight + extra
 
+    @property
+    def call_options(self) -> dict:
+        """The operator options that describe this weight's storage (group size, layout,
+        HiFloat8), for :func:`jax_wqmm.weight_quant_matmul_all_reduce`."""
+        return dict(antiquant_group_size=self.group_size, transpose_x2=self.transpose,
+                    x2_format=self.format, x2_dtype="hifloat8" if self.dtype == "hifloat8" else None)
+
     def logical_data(self) -> jax.Array:
         """The (k, n) ND, untransposed quantized values (HiFloat8: uint8 codes)."""
         x = self.data
@@ -153,9 +160,6 @@ def quantize_weight(
         # w = (q + offset) * scale with lo landing on qmin; an integer, exact in scale_dtype.
         offset = (jnp.round(lo / scale.astype(jnp.float32)) - qmin).astype(scale_dtype)
 
-    shape = {"per_tensor": (1,), "per_channel": (n,), "per_group": (-(-k // (group_size or 1)), n)}[granularity]
-    scale = scale.reshape(shape)
-    offset = None if offset is None else offset.reshape(shape)
     spec = make_spec(jax.ShapeDtypeStruct((1, k), scale_dtype), jax.ShapeDtypeStruct((k, n), jnp.int8),
                      scale, offset, antiquant_group_size=group_size or 0)
     s = reference.expand_quant_param(scale, spec).astype(jnp.float32)
@@ -184,6 +188,5 @@ def dequantize_weight(qw: QuantizedWeight) -> jax.Array:
     """(k, n) float32 ``(q + offset) * scale`` of a :class:`QuantizedWeight` (any layout)."""
     k, n = qw.shape
     spec = make_spec(jax.ShapeDtypeStruct((1, k), qw.scale.dtype), qw.data, qw.scale, qw.offset,
-                     antiquant_group_size=qw.group_size, transpose_x2=qw.transpose,
-                     x2_format=qw.format, x2_dtype="hifloat8" if qw.dtype == "hifloat8" else None)
+                     **qw.call_options)
     return reference.dequantize(qw.data, qw.scale, qw.offset, spec, dtype=jnp.float32)

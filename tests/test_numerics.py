@@ -1,6 +1,7 @@
 """The fused call against the float64 oracle over the whole supported matrix."""
 
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ def _check(case, y):
 
 @pytest.mark.parametrize("wd,gran,off,extras,lead,tr,fmt,act", list(_matrix()))
 def test_matrix_against_oracle(wd, gran, off, extras, lead, tr, fmt, act):
-    rng = np.random.default_rng(abs(hash((wd, gran, off, extras, lead, tr, fmt, act))) % 2**32)
+    # a seed per case that does not change between runs (str hashes are salted per process)
+    rng = np.random.default_rng(zlib.crc32(repr((wd, gran, off, extras, lead, tr, fmt, act)).encode()))
     case = make_case(rng, weight_dtype=wd, granularity=gran, offset=off, bias=extras, x3=extras,
                      lead=lead, transpose=tr, fmt=fmt, act=act)
     _check(case, wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs))

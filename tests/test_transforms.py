@@ -78,12 +78,6 @@ def test_vmap_with_the_reduced_axis_name_sums_over_the_batch():
 GRAD_ARGS = ("x1", "scale", "offset", "bias", "x3")
 
 
-def _grad_tolerance(case, g_cot, name, ranks_oracle, ranks=1):
-    mag = sum(oracle.wqmm_grads(r, g_cot, case.group_size, case.weight_dtype, abs_=True)[name]
-              for r in ranks_oracle)
-    return mag
-
-
 @pytest.mark.parametrize("cfg", [
     dict(granularity="per_channel"),
     dict(granularity="per_group", group_size=32),

@@ -145,28 +145,25 @@ def test_replicated_inputs_are_summed_per_rank():
     oracle.assert_close(y, expected, mag, "float16", ranks=TP)
 
 
-def test_check_vma_false():
+def _k_sharded(seed, check_vma):
+    """A case with k sharded over tp=8, the op under shard_map, and its placed operands."""
     mesh = mesh_1d()
-    case = make_case(np.random.default_rng(14), k=8 * 16, n=16)
-    x1, x2, s = case.args[:3]
+    case = make_case(np.random.default_rng(seed), k=8 * 16, n=16)
     specs = (P(None, "tp"), P("tp", None), P())
     fn = jax.jit(jax.shard_map(
         lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="tp"),
-        mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
-    y = fn(*_put(mesh, (x1, x2, s), specs))
+        mesh=mesh, in_specs=specs, out_specs=P(), check_vma=check_vma))
+    return case, fn, _put(mesh, case.args[:3], specs)
+
+
+def test_check_vma_false():
+    case, fn, args = _k_sharded(14, check_vma=False)
     expected, mag = oracle.wqmm(_rank_slices(case, TP), 0, "int8")
-    oracle.assert_close(y, expected, mag, case.act, ranks=TP)
+    oracle.assert_close(fn(*args), expected, mag, case.act, ranks=TP)
 
 
 def test_hlo_contains_the_all_reduce():
-    mesh = mesh_1d()
-    case = make_case(np.random.default_rng(15), k=8 * 16, n=16)
-    x1, x2, s = case.args[:3]
-    specs = (P(None, "tp"), P("tp", None), P())
-    fn = jax.jit(jax.shard_map(
-        lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="tp"),
-        mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True))
-    args = _put(mesh, (x1, x2, s), specs)
+    _, fn, args = _k_sharded(15, check_vma=True)
     lowered = fn.lower(*args)
     text = lowered.as_text()
     assert text.count("all_reduce") >= 1, text

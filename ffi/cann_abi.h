@@ -56,7 +56,7 @@ typedef aclTensor *(*aclCreateTensor_t)(const int64_t *viewDims, uint64_t viewDi
                                         void *tensorData);
 typedef aclnnStatus (*aclDestroyTensor_t)(const aclTensor *tensor);
 
-// libopapi.so (or a per-family op library on newer CANN)
+// libopapi_transformer.so (CANN 9.x; per-family op libraries), else the deprecated libopapi.so
 typedef aclnnStatus (*aclnnWeightQuantMatmulAllReduceGetWorkspaceSize_t)(
     const aclTensor *x1, const aclTensor *x2, const aclTensor *bias,
     const aclTensor *antiquantScale, const aclTensor *antiquantOffset, const aclTensor *x3,
@@ -67,11 +67,14 @@ typedef aclnnStatus (*aclnnWeightQuantMatmulAllReduce_t)(void *workspace, uint64
                                                           aclOpExecutor *executor,
                                                           const aclrtStream stream);
 
-// libascendcl.so
+// libascendcl.so. Device ids are logical ids in the process (they differ from hardware ids
+// under ASCEND_RT_VISIBLE_DEVICES); the current device is per thread.
 typedef const char *(*aclGetRecentErrMsg_t)();
 typedef aclError (*aclrtSetDevice_t)(int32_t deviceId);
+typedef aclError (*aclrtGetDevice_t)(int32_t *deviceId);
+typedef const char *(*aclrtGetSocName_t)();
 
-// libhccl.so
+// libhccl.so (on CANN >= 8.5 possibly libhcomm.so)
 typedef HcclResult (*HcclGetCommName_t)(HcclComm comm, char *commName);
 typedef HcclResult (*HcclCommInitAll_t)(uint32_t ndev, int32_t *devices, HcclComm *comms);
 typedef HcclResult (*HcclGetRootInfo_t)(HcclRootInfo *rootInfo);

@@ -18,13 +18,15 @@ struct CannApi {
   // libnnopbase
   aclCreateTensor_t aclCreateTensor = nullptr;
   aclDestroyTensor_t aclDestroyTensor = nullptr;
-  // op library (libopapi.so by default)
+  // op library (libopapi_transformer.so, else libopapi.so)
   aclnnWeightQuantMatmulAllReduceGetWorkspaceSize_t GetWorkspaceSize = nullptr;
   aclnnWeightQuantMatmulAllReduce_t Run = nullptr;
-  // libascendcl (optional symbols)
-  aclGetRecentErrMsg_t aclGetRecentErrMsg = nullptr;
+  // libascendcl
+  aclrtGetDevice_t aclrtGetDevice = nullptr;
   aclrtSetDevice_t aclrtSetDevice = nullptr;
-  // libhccl
+  aclGetRecentErrMsg_t aclGetRecentErrMsg = nullptr;  // optional
+  aclrtGetSocName_t aclrtGetSocName = nullptr;        // optional
+  // libhccl (or libhcomm on CANN >= 8.5)
   HcclGetCommName_t HcclGetCommName = nullptr;
   HcclCommInitAll_t HcclCommInitAll = nullptr;
   HcclGetRootInfo_t HcclGetRootInfo = nullptr;
@@ -33,6 +35,9 @@ struct CannApi {
 
   // The library's own text for its most recent error, or "" if unavailable.
   std::string RecentErrorMessage() const;
+  // Makes ``device`` (a logical device id in this process) current on the calling thread
+  // unless it already is (aclrtGetDevice / aclrtSetDevice). Returns "" or an error text.
+  std::string EnsureDevice(int32_t device) const;
 };
 
 // Library roles, in load order (dependencies first).
@@ -46,7 +51,8 @@ inline const std::vector<std::string>& LibraryRoles() {
 struct LoadedCann {
   CannApi api;
   std::vector<void*> handles;
-  std::map<std::string, std::string> paths;  // role -> path actually loaded
+  std::map<std::string, std::string> paths;         // role -> paths loaded (", "-joined)
+  std::map<std::string, std::string> symbol_paths;  // symbol -> the file it came from
   ~LoadedCann();
 };
 
@@ -54,12 +60,16 @@ class CannLibrary {
  public:
   static CannLibrary& Get();
 
-  // (Re)loads every library: for each role, ``names[role]`` (a file name, or a path if it
-  // contains '/') is tried in each of ``dirs`` and then on the loader's default path.
+  // (Re)loads every library. ``names[role]`` lists candidate file names (or paths, if they
+  // contain '/'), each tried in each of ``dirs`` and then on the loader's default path:
+  //  - "opapi": directory by directory, every candidate in order; the first file that
+  //    exports both aclnn entry points wins;
+  //  - other roles: every candidate that is found is loaded, and each symbol is taken from
+  //    the first of them (in candidate order) that exports it.
   // Returns "" on success, else a report of every path tried and every symbol missing.
   // A handler still running with the previous load keeps it alive until it returns.
   std::string Load(const std::vector<std::string>& dirs,
-                   const std::map<std::string, std::string>& names);
+                   const std::map<std::string, std::vector<std::string>>& names);
   void Unload();
 
   // The current load, or null if nothing is loaded. Hold it for the whole call.

@@ -28,6 +28,9 @@ ffi::ErrorOr<cpu::Float> FloatType(ffi::AnyBuffer b, const char* what) {
 // The weight-side fields of a problem: x2 (int8 / packed int4), scale, optional offset.
 ffi::Error FillWeight(cpu::Problem& p, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                       const ffi::AnyBuffer* offset, const Attrs& a) {
+  if (a.scale_transposed) {
+    return ffi::Error::InvalidArgument("antiquant_scale: the CPU kernel takes row-major scales");
+  }
   auto act = FloatType(scale, "antiquant_scale");
   if (act.has_error()) return act.error();
   if (*act == cpu::Float::kF32) {  // scale has x1's dtype, which the operator limits to these

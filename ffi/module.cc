@@ -78,16 +78,37 @@ NB_MODULE(_wqmm_ffi, m) {
 
   // ------------------------------------------------------------------ loader
   m.def("load_cann", [](const std::vector<std::string>& dirs,
-                        const std::map<std::string, std::string>& names) {
+                        const std::map<std::string, std::vector<std::string>>& names) {
     return CannLibrary::Get().Load(dirs, names);
   }, nb::arg("dirs"), nb::arg("names"),
-     "Loads the CANN libraries; returns '' or a report of every path and symbol that failed.");
+     "Loads the CANN libraries (candidate file names per role); returns '' or a report of "
+     "every path and symbol that failed.");
   m.def("unload_cann", []() { CannLibrary::Get().Unload(); });
   m.def("cann_loaded", []() { return CannLibrary::Get().Current() != nullptr; });
   m.def("cann_paths", []() {
     auto lib = CannLibrary::Get().Current();
     return lib ? lib->paths : std::map<std::string, std::string>();
   });
+  m.def("cann_symbols", []() {
+    auto lib = CannLibrary::Get().Current();
+    return lib ? lib->symbol_paths : std::map<std::string, std::string>();
+  }, "{symbol: the file it was taken from}.");
+  m.def("soc_name", []() {
+    const CannApi& api = RequireApi();
+    const char* name = api.aclrtGetSocName ? api.aclrtGetSocName() : nullptr;
+    return std::string(name ? name : "");
+  }, "aclrtGetSocName(), or '' when CANN does not say.");
+  m.def("bind_device", [](int32_t device) {
+    const CannApi& api = RequireApi();
+    std::string e = api.EnsureDevice(device);
+    if (!e.empty()) throw std::runtime_error(e);
+    int32_t current = -1;
+    int r = api.aclrtGetDevice(&current);
+    if (r != 0) throw std::runtime_error("aclrtGetDevice returned " + std::to_string(r));
+    return current;
+  }, nb::arg("device"),
+     "Makes ``device`` current on the calling thread as the handler does; returns "
+     "aclrtGetDevice() afterwards.");
 
   // ------------------------------------------------------------------ group registry
   m.def("register_group", &jax_wqmm::RegisterGroup, nb::arg("axis"), nb::arg("device"),
@@ -113,10 +134,15 @@ NB_MODULE(_wqmm_ffi, m) {
     for (HcclComm c : comms) out.emplace_back(reinterpret_cast<uintptr_t>(c), CommName(api, c));
     return out;
   }, "One communicator per device of one group, in one process: [(handle, name)].");
-  m.def("hccl_get_root_info", []() {
+  m.def("hccl_get_root_info", [](int32_t device) {
     const CannApi& api = RequireApi();
     HcclRootInfo info;
-    CheckHccl(api, api.HcclGetRootInfo(&info), "HcclGetRootInfo");
+    {
+      nb::gil_scoped_release release;
+      std::string e = api.EnsureDevice(device);  // HCCL works on the thread's current device
+      if (!e.empty()) throw std::runtime_error(e);
+      CheckHccl(api, api.HcclGetRootInfo(&info), "HcclGetRootInfo");
+    }
     return nb::bytes(info.internal, sizeof(info.internal));
   });
   m.def("hccl_comm_init_root_info", [](int32_t device, uint32_t nranks, nb::bytes root,
@@ -128,10 +154,9 @@ NB_MODULE(_wqmm_ffi, m) {
     HcclComm comm = nullptr;
     {
       nb::gil_scoped_release release;  // blocks until every rank has joined
-      if (api.aclrtSetDevice != nullptr) {  // HCCL binds the communicator to the current device
-        int r = api.aclrtSetDevice(device);
-        if (r != 0) throw std::runtime_error("aclrtSetDevice returned " + std::to_string(r));
-      }
+      // HCCL binds the communicator to the calling thread's current device.
+      std::string e = api.EnsureDevice(device);
+      if (!e.empty()) throw std::runtime_error(e);
       CheckHccl(api, api.HcclCommInitRootInfo(nranks, &info, rank, &comm), "HcclCommInitRootInfo");
     }
     return std::make_pair(reinterpret_cast<uintptr_t>(comm), CommName(api, comm));

@@ -16,6 +16,9 @@ struct Attrs {
   std::string_view axis;
   int64_t group_size, k, n, comm_turn, stream_mode;
   bool transpose_x2, has_offset, has_bias, has_x3;
+  // antiquant_scale / antiquant_offset buffers are column-major: the (G, n) per-group view
+  // over (n, G) storage that the kernel wants with a transposed x2 (spec.scale_transposed).
+  bool scale_transposed;
   int32_t x2_format, x2_dtype;
   std::string_view reduce_op;
 };
@@ -39,13 +42,13 @@ inline xla::ffi::ErrorOr<std::array<std::optional<xla::ffi::AnyBuffer>, 3>> Opti
 
 // Handler parameters, in binding order, and the Attrs built from them.
 #define WQMM_ATTR_PARAMS                                                                        \
-  std::string_view axis, int64_t group_size, bool transpose_x2, int32_t x2_format,               \
-      int32_t x2_dtype, bool has_offset, bool has_bias, bool has_x3, int64_t k, int64_t n,        \
+  std::string_view axis, int64_t group_size, bool transpose_x2, bool scale_transposed,           \
+      int32_t x2_format, int32_t x2_dtype, bool has_offset, bool has_bias, bool has_x3, int64_t k, int64_t n,        \
       std::string_view reduce_op, int64_t comm_turn, int64_t stream_mode
 #define WQMM_ATTRS                                                                           \
   jax_wqmm::Attrs {                                                                                     \
     axis, group_size, k, n, comm_turn, stream_mode, transpose_x2, has_offset, has_bias, has_x3, \
-        x2_format, x2_dtype, reduce_op                                                        \
+        scale_transposed, x2_format, x2_dtype, reduce_op                                      \
   }
 
 
@@ -54,6 +57,7 @@ inline xla::ffi::ErrorOr<std::array<std::optional<xla::ffi::AnyBuffer>, 3>> Opti
   binding.Attr<std::string_view>("axis")                                                  \
       .Attr<int64_t>("antiquant_group_size")                                             \
       .Attr<bool>("transpose_x2")                                                         \
+      .Attr<bool>("scale_transposed")                                                     \
       .Attr<int32_t>("x2_format")                                                         \
       .Attr<int32_t>("x2_dtype")                                                          \
       .Attr<bool>("has_offset")                                                           \

@@ -116,7 +116,9 @@ ffi::ErrorOr<Tensor> Create(const CannApi& api, const Descriptor& d, void* data,
   return Tensor(&api, t);
 }
 
-ffi::ErrorOr<Descriptor> Plain(ffi::AnyBuffer b, const char* what) {
+// A buffer in its own dtype, ND. ``column_major``: a 2-D buffer whose layout XLA made
+// column-major (the (G, n) view over (n, G) storage, strides (1, G)); else row-major.
+ffi::ErrorOr<Descriptor> Plain(ffi::AnyBuffer b, const char* what, bool column_major = false) {
   auto dt = AclDataType(b.element_type());
   if (!dt) {
     return ffi::Unexpected(ffi::Error::InvalidArgument(std::string(what) + ": unsupported dtype"));
@@ -124,9 +126,17 @@ ffi::ErrorOr<Descriptor> Plain(ffi::AnyBuffer b, const char* what) {
   Descriptor d;
   auto dims = b.dimensions();
   d.view.assign(dims.begin(), dims.end());
+  d.dtype = *dt;
+  if (column_major) {
+    if (d.view.size() != 2) {
+      return ffi::Unexpected(ffi::Error::InvalidArgument(std::string(what) + ": a column-major operand must be 2-D"));
+    }
+    d.strides = {1, d.view[0]};
+    d.storage = {d.view[1], d.view[0]};
+    return d;
+  }
   d.strides = ContiguousStrides(d.view);
   d.storage = d.view;
-  d.dtype = *dt;
   return d;
 }
 
@@ -134,6 +144,9 @@ std::string StatusName(aclnnStatus s) {
   switch (s) {
     case ACLNN_ERR_PARAM_NULLPTR: return "ACLNN_ERR_PARAM_NULLPTR";
     case ACLNN_ERR_PARAM_INVALID: return "ACLNN_ERR_PARAM_INVALID";
+    case 561000: return "ACLNN_ERR_INNER";
+    case 561002: return "ACLNN_ERR_INNER_TILING_ERROR";
+    case 561103: return "ACLNN_ERR_INNER_NULLPTR";
     default: return "aclnnStatus";
   }
 }
@@ -159,6 +172,11 @@ ffi::Error Run(const LoadedCann* lib, void* stream, WorkspaceFn workspace, void*
                       "jax_wqmm: the CANN libraries are not loaded:\n" + CannLibrary::Get().report());
   }
   const CannApi* api = &lib->api;
+  // HCCL resolves the group name in the table of the calling thread's current device, and
+  // aclnn runs on it: make the buffers' device current (never aclInit: the plugin owns it).
+  if (std::string e = api->EnsureDevice(device); !e.empty()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "jax_wqmm: " + e);
+  }
   auto group = LookupGroup(a.axis, device);
   if (!group) {
     return ffi::Error::InvalidArgument(
@@ -174,7 +192,7 @@ ffi::Error Run(const LoadedCann* lib, void* stream, WorkspaceFn workspace, void*
   // x1, scale, offset, bias, x3, out: contiguous ND in their own dtype.
   auto d_x1 = Plain(x1, "x1");
   if (d_x1.has_error()) return d_x1.error();
-  auto d_scale = Plain(scale, "antiquant_scale");
+  auto d_scale = Plain(scale, "antiquant_scale", a.scale_transposed);
   if (d_scale.has_error()) return d_scale.error();
   auto d_out = Plain(*out, "output");
   if (d_out.has_error()) return d_out.error();
@@ -203,7 +221,7 @@ ffi::Error Run(const LoadedCann* lib, void* stream, WorkspaceFn workspace, void*
   for (int j = 0; j < 3; ++j) {
     const std::optional<ffi::AnyBuffer>& b = (*optional)[j];
     if (!b) continue;
-    auto d = Plain(*b, names[j]);
+    auto d = Plain(*b, names[j], j == 0 && a.scale_transposed);
     if (d.has_error()) return d.error();
     auto t = Create(*api, *d, b->untyped_data(), names[j]);
     if (t.has_error()) return t.error();
@@ -256,14 +274,6 @@ ffi::Error DeviceImpl(void* stream, ffi::ScratchAllocator scratch, int32_t devic
 ffi::Error HostImpl(int32_t device, ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                     ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out, WQMM_ATTR_PARAMS) {
   const std::shared_ptr<const LoadedCann> lib = CannLibrary::Get().Current();
-  const CannApi* api = lib ? &lib->api : nullptr;
-  if (api != nullptr && api->aclrtSetDevice != nullptr) {
-    aclError e = api->aclrtSetDevice(device);
-    if (e != 0) {
-      return ffi::Error::Internal("aclrtSetDevice(" + std::to_string(device) + ") returned " +
-                                  std::to_string(e) + ": " + api->RecentErrorMessage());
-    }
-  }
   std::vector<uint8_t> workspace;
   return Run(lib.get(), nullptr, HostWorkspace, &workspace, device, x1, x2, scale, rest, out, WQMM_ATTRS);
 }

@@ -59,7 +59,8 @@ CONFIGS = [
     dict(weight_dtype="int4", granularity="per_tensor"),
     dict(weight_dtype="int8", granularity="per_channel", fmt="FRACTAL_NZ"),
     dict(weight_dtype="float8_e4m3fn", granularity="per_channel", act="float16"),
-    dict(weight_dtype="hifloat8", granularity="per_group", group_size=32),
+    dict(weight_dtype="hifloat8", granularity="per_channel", act="float16"),
+    dict(weight_dtype="int8", granularity="per_group", offset=True, group_size=32, transpose=True),
 ]
 
 

@@ -107,7 +107,7 @@ def test_m_range():
 
 def test_k_range():
     k = 65536
-    rejects("x1", "k (x1 shape (1, 65536), last dim) must be in [1, 65535]",
+    rejects("x1", "k (x1 shape (1, 65536), last dim) must be in [0, 65535]",
             x1=z((1, k)), x2=z((k, N), jnp.int8))
 
 
@@ -124,7 +124,11 @@ def test_n_range():
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.int16, jnp.int32])
 def test_x2_dtype(dtype):
-    rejects("x2", "must be int8, int4, float8_e5m2, float8_e4m3fn or uint8", x2=z((K, N), dtype))
+    rejects("x2", "must be int8, int4, float8_e4m3fn or uint8", x2=z((K, N), dtype))
+
+
+def test_float8_e5m2_has_no_kernel():
+    rejects("x2", "no current Ascend kernel takes float8_e5m2 weights", x2=z((K, N), jnp.float8_e5m2))
 
 
 def test_uint8_weight_needs_hifloat8():
@@ -205,7 +209,7 @@ def test_per_group_scale_shape():
             antiquant_group_size=32, antiquant_scale=z((N,)))
 
 
-@pytest.mark.parametrize("wd", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("wd", [jnp.float8_e4m3fn])
 def test_no_offset_with_fp8(wd):
     rejects("antiquant_offset", f"must be None with {jnp.dtype(wd).name} weights",
             x2=z((K, N), wd), antiquant_offset=z((N,)))
@@ -234,14 +238,9 @@ def test_bias_dtype():
     rejects("bias", "must be bfloat16", bias=z((N,), jnp.float32))
 
 
-def test_bias_float32_allowed_with_fp8_and_bf16():
-    args, opts = base(x2=z((K, N), jnp.float8_e5m2), bias=z((N,), jnp.float32))
-    assert wq.weight_quant_matmul_all_reduce(*args, **opts).dtype == BF
-
-
-def test_bias_float32_rejected_with_fp8_and_fp16():
-    rejects("bias", "must be float16", x1=z((M, K), jnp.float16), antiquant_scale=z((N,), jnp.float16),
-            x2=z((K, N), jnp.float8_e5m2), bias=z((N,), jnp.float32))
+def test_bias_float32_rejected_with_fp8_too():
+    """An older doc allowed a float32 bias with FP8 weights and bf16 x1; no current kernel does."""
+    rejects("bias", "must be bfloat16, x1's dtype", x2=z((K, N), jnp.float8_e4m3fn), bias=z((N,), jnp.float32))
 
 
 def test_x3_shape():
@@ -283,3 +282,72 @@ def test_axis_size_outside_1_2_4_8_is_not_an_error_on_the_reference_path():
                               mesh=mesh, in_specs=(P(None, "tp"), P("tp"), P()), out_specs=P()))
     y = f(put(x1, P(None, "tp")), put(x2, P("tp")), put(s, P()))
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.full((2, 8), 48.0))
+
+
+# ----------------------------------------------------------------------------- k = 0
+
+def test_k_zero_is_bias_plus_x3():
+    """The only empty case the kernel takes: k = 0, output = bias + x3 (summed over ranks)."""
+    b = jnp.arange(N, dtype=BF)
+    x3 = jnp.ones((M, N), BF)
+    args, opts = base(x1=z((M, 0)), x2=z((0, N), jnp.int8), bias=b, x3=x3)
+    y = wq.weight_quant_matmul_all_reduce(*args, **opts)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(b + x3, np.float32))
+
+
+def test_k_zero_takes_no_group_size():
+    rejects("antiquant_group_size", "with k=0", x1=z((M, 0)), x2=z((0, N), jnp.int8),
+            antiquant_group_size=32, antiquant_scale=z((0, N)))
+
+
+def test_k_zero_needs_nd():
+    rejects("x2_format", "k=0", x1=z((M, 0)), x2=z((2, 0, 16, 32), jnp.int8), x2_format="FRACTAL_NZ")
+
+
+# ----------------------------------------------------------------------------- products
+
+def test_every_rule_that_no_product_takes_is_rejected_without_a_product():
+    # FP8 / HiFloat8: per-channel only (Ascend 950); FRACTAL_NZ: per-channel only (both)
+    rejects("antiquant_scale", "per_tensor scale with float8_e4m3fn weights is not taken on any product",
+            x2=z((K, N), jnp.float8_e4m3fn), antiquant_scale=z((1,)))
+    rejects("antiquant_scale", "per_group scale with hifloat8 weights",
+            x2=z((K, N), jnp.uint8), x2_dtype="hifloat8", antiquant_group_size=32, antiquant_scale=z((2, N)))
+    rejects("x2_format", "a FRACTAL_NZ weight with a per_tensor scale is not taken on any product",
+            x2=z((2, 4, 16, 32), jnp.int8), x2_format="FRACTAL_NZ", antiquant_scale=z((1,)), bias=z((N,)))
+
+
+def test_atlas_a2_rejects_fp8_and_hifloat8():
+    with wq.target_product("atlas_a2"):
+        err = rejects("x2", "not taken on Atlas A2: its kernel takes int8, int4 weights", x2=z((K, N), jnp.float8_e4m3fn))
+    assert err.value == "dtype float8_e4m3fn"
+    # ... which the union (no product chosen) accepts
+    args, opts = base(x2=z((K, N), jnp.float8_e4m3fn))
+    assert wq.weight_quant_matmul_all_reduce(*args, **opts).shape == (M, N)
+
+
+def test_ascend950_is_nd_only_and_aligns_per_group_n_and_k():
+    with wq.target_product("ascend950"):
+        rejects("x2_format", "int8 weights must be ND on Ascend 950PR/950DT",
+                x2=z((2, 4, 16, 32), jnp.int8), x2_format="FRACTAL_NZ")
+        # int4 per-group: n and k multiples of 64 (n = 48 is not)
+        rejects("x2", "n=48: per-group int4 weights need n and k multiples of 64 on Ascend 950PR/950DT",
+                x2=z((K, N), jnp.int4), antiquant_group_size=32, antiquant_scale=z((2, N)))
+        args, opts = base(x2=z((K, 64), jnp.int8), antiquant_group_size=32, antiquant_scale=z((2, 64)))
+        assert wq.weight_quant_matmul_all_reduce(*args, **opts).shape == (M, 64)  # 32-aligned
+
+
+def test_target_product_is_part_of_the_jit_key():
+    """A function traced under no product is traced again under one (its cache is keyed on it)."""
+    args, opts = base(x2=z((K, N), jnp.float8_e4m3fn))
+    f = jax.jit(lambda *a: wq.weight_quant_matmul_all_reduce(*a, **opts))
+    f(*args)
+    with wq.target_product("atlas_a2"):
+        with pytest.raises(wq.ConstraintError, match="not taken on Atlas A2"):
+            f(*args)
+    assert wq.current_target_product() is None
+    f(*args)
+
+
+def test_target_product_names_a_known_product():
+    with pytest.raises(wq.ConstraintError, match=r"product='atlas_a3': must be one of \['ascend950', 'atlas_a2'\]"):
+        wq.target_product("atlas_a3")

@@ -1,11 +1,21 @@
 // A host-side emulation of the CANN ABI subset that jax_wqmm calls (cann_abi.h), for tests and
 // for users without Ascend hardware. It is NOT CANN: it computes the operator on host memory
-// with plain loops, checks arguments as aclnn's first stage does (161001 / 161002), runs a real
-// all-reduce across the ranks of a group (a rendezvous of the calling threads with a timeout),
-// and counts live descriptors so that leaks are visible.
+// with plain loops, runs a real all-reduce across the ranks of a group (a rendezvous of the
+// calling threads with a timeout), and counts live descriptors so that leaks are visible.
 //
-// Devices: the calling thread's current device (aclrtSetDevice) says which rank of a group it
-// is, as the current context does on real hardware.
+// Its argument checks are ported, as facts, from CANN's own op_api and tiling of the operator
+// (ops-transformer mc2/matmul_all_reduce: op_api/aclnn_weight_quant_matmul_all_reduce.cpp
+// CheckParams; op_host/op_tiling arch22 (Atlas A2) and arch35 (Ascend 950)), product by
+// product for an emulated SoC that tests set (wqmm_emu_set_soc; aclrtGetSocName reports it):
+//   - first stage (op_api CheckParams): 161001 for a null x1 / x2 / antiquantScale / output,
+//     161002 for every dtype, attribute, shape, contiguity and transposition rule;
+//   - the tiling it runs (aclnnInner...GetWorkspaceSize): 561002 (ACLNN_ERR_INNER_TILING_ERROR;
+//     the exact code CANN maps a tiling failure to is not confirmed) for world size, commTurn,
+//     ranges, empty tensors and the per-product quantization rules.
+//
+// Devices: the current device is per thread (aclrtSetDevice / aclrtGetDevice). As in HCCL, a
+// group name resolves only on a thread whose current device is a member of the group, and
+// HcclGetRootInfo / HcclCommInitRootInfo need a current device.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -37,12 +47,29 @@ constexpr aclnnStatus ACLNN_ERR_INNER = 561000;
 
 std::atomic<int64_t> g_live_tensors{0};
 std::atomic<int64_t> g_live_executors{0};
+std::atomic<int64_t> g_calls{0};
 std::atomic<int> g_fail_stage{0};
 std::atomic<int> g_fail_code{0};
 std::atomic<int64_t> g_timeout_ms{30000};
 thread_local std::string t_error;
 thread_local std::string t_error_out;
 thread_local int32_t t_device = -1;
+constexpr aclnnStatus ACLNN_ERR_INNER_TILING_ERROR = 561002;  // not confirmed (see the header)
+
+// The emulated SoC (aclrtGetSocName) and the product rules it selects.
+enum class Product { kAtlasA2, kAscend950, kAtlasA3, k310P, kUnknown };
+std::mutex g_soc_mu;
+std::string g_soc = "Ascend910B4";
+
+Product CurrentProduct() {
+  std::lock_guard<std::mutex> lock(g_soc_mu);
+  const std::string& s = g_soc;
+  if (s.rfind("Ascend910B", 0) == 0) return Product::kAtlasA2;
+  if (s.rfind("Ascend950", 0) == 0) return Product::kAscend950;
+  if (s.rfind("Ascend910_93", 0) == 0) return Product::kAtlasA3;
+  if (s.rfind("Ascend310P", 0) == 0) return Product::k310P;
+  return Product::kUnknown;
+}
 
 aclnnStatus Fail(aclnnStatus code, const std::string& msg) {
   t_error = msg;
@@ -138,6 +165,7 @@ float HiFloat8(uint8_t c) {
   return sign * std::ldexp(1.0f, (r & 7) - 23);  // prefix 0000: denormal
 }
 
+// Element ``i`` of the tensor's storage (its view's strides applied by the caller).
 float ReadFloat(const aclTensor* t, int64_t i) {
   switch (t->dtype) {
     case ACL_FLOAT16: return Half2Float(static_cast<const uint16_t*>(t->data)[i]);
@@ -244,9 +272,6 @@ struct Comm {  // ranks come from the group's device_to_rank
   std::shared_ptr<Group> group;
 };
 
-// Whether x2's (k, n) view is transposed storage (n, k): strides (1, k).
-bool Transposed(const aclTensor& x2) { return x2.strides[0] == 1 && x2.strides[1] != 1; }
-
 // Sums ``local`` over the group's ranks; every rank gets the rounded sum.
 aclnnStatus AllReduce(Group& g, int rank, aclDataType out_dtype, std::vector<float>* data) {
   std::unique_lock<std::mutex> lock(g.mu);
@@ -346,6 +371,20 @@ EMU_EXPORT aclError aclrtSetDevice(int32_t deviceId) {
   return 0;
 }
 
+EMU_EXPORT aclError aclrtGetDevice(int32_t* deviceId) {
+  if (deviceId == nullptr) return 107001;
+  if (t_device < 0) return 107002;  // ACL_ERROR_RT_CONTEXT_NULL: no device set on this thread
+  *deviceId = t_device;
+  return 0;
+}
+
+EMU_EXPORT const char* aclrtGetSocName() {
+  static thread_local std::string copy;
+  std::lock_guard<std::mutex> lock(g_soc_mu);
+  copy = g_soc;
+  return copy.c_str();
+}
+
 EMU_EXPORT HcclResult HcclCommInitAll(uint32_t ndev, int32_t* devices, HcclComm* comms) {
   if (ndev == 0 || devices == nullptr || comms == nullptr) return 1;  // HCCL_E_PARA
   std::string name = "emu_hccl_all_" + std::to_string(g_group_counter.fetch_add(1));
@@ -360,6 +399,10 @@ EMU_EXPORT HcclResult HcclCommInitAll(uint32_t ndev, int32_t* devices, HcclComm*
 
 EMU_EXPORT HcclResult HcclGetRootInfo(HcclRootInfo* rootInfo) {
   if (rootInfo == nullptr) return 1;
+  if (t_device < 0) {
+    t_error = "HcclGetRootInfo: no current device (call aclrtSetDevice first)";
+    return 1;
+  }
   std::memset(rootInfo->internal, 0, sizeof(rootInfo->internal));
   std::string id = "emu_root_" + std::to_string(g_group_counter.fetch_add(1));
   std::memcpy(rootInfo->internal, id.data(), id.size());
@@ -405,65 +448,208 @@ EMU_EXPORT HcclResult HcclCommDestroy(HcclComm comm) {
 
 namespace {
 
-aclnnStatus Check(const aclTensor* x1, const aclTensor* x2, const aclTensor* bias,
-                  const aclTensor* scale, const aclTensor* offset, const aclTensor* x3,
-                  const char* group, const char* reduceOp, int64_t commTurn, int64_t streamMode,
-                  int64_t gs, const aclTensor* out) {
+// ---- tensor predicates, as opbase / ops-transformer define them
+
+// MC2Aclnn::IsTensorContiguous: every stride is the product of the later view dims (strict:
+// no exception for size-1 dims).
+bool StrictContiguous(const aclTensor& t) {
+  if (t.view.empty()) return false;
+  int64_t expect = 1;
+  for (int i = static_cast<int>(t.view.size()) - 1; i >= 0; --i) {
+    if (t.strides[i] != expect) return false;
+    expect *= t.view[i];
+  }
+  return true;
+}
+
+// op::IsContiguous (opbase): size-1 dims are skipped; 0 or 1 elements count as contiguous.
+bool LenientContiguous(const aclTensor& t) {
+  int64_t n = Numel(t.view);
+  if (n <= 1) return true;
+  int64_t expect = 1;
+  for (int i = static_cast<int>(t.view.size()) - 1; i >= 0; --i) {
+    if (t.view[i] == 1) continue;
+    if (t.strides[i] != expect) return false;
+    expect *= t.view[i];
+  }
+  return true;
+}
+
+// IsTransposeLastTwoDims: strides (..., 1, shape[-2]) and not a (1, 1) matrix. This is also
+// how a transposed x2 is recognized: a (k, n) view with strides (1, k).
+bool TransposeLastTwo(const aclTensor& t) {
+  size_t r = t.view.size();
+  if (r < 2 || r > 6) return false;
+  if (t.strides[r - 2] != 1 || t.strides[r - 1] != t.view[r - 2]) return false;
+  return !(t.view[r - 1] == 1 && t.view[r - 2] == 1);
+}
+
+bool Transposed(const aclTensor& x2) { return TransposeLastTwo(x2); }
+
+// MatmulAllReduceIsWeightNZFormat: NZ view format with a 4-D storage.
+bool IsNz(const aclTensor& t) { return t.format == ACL_FORMAT_FRACTAL_NZ && t.storage.size() == 4; }
+
+// IsAffineInconsistent: a 2-D scale/offset with both dims > 1 must be transposed with x2.
+bool AffineInconsistent(const aclTensor* t, bool transpose_x2) {
+  if (t == nullptr || t->view.size() != 2 || t->view[0] == 1 || t->view[1] == 1) return false;
+  bool contiguous = LenientContiguous(*t);
+  return (transpose_x2 && contiguous) || (!transpose_x2 && !contiguous);
+}
+
+const char* DtypeName(aclDataType t) {
+  switch (t) {
+    case ACL_FLOAT: return "FLOAT";
+    case ACL_FLOAT16: return "FLOAT16";
+    case ACL_BF16: return "BFLOAT16";
+    case ACL_INT8: return "INT8";
+    case ACL_INT4: return "INT4";
+    case ACL_UINT8: return "UINT8";
+    case ACL_HIFLOAT8: return "HIFLOAT8";
+    case ACL_FLOAT8_E5M2: return "FLOAT8_E5M2";
+    case ACL_FLOAT8_E4M3FN: return "FLOAT8_E4M3FN";
+    default: return "other";
+  }
+}
+
+// op_api CheckParams (first stage): 161001 / 161002.
+aclnnStatus CheckParams(Product product, const aclTensor* x1, const aclTensor* x2,
+                        const aclTensor* bias, const aclTensor* scale, const aclTensor* offset,
+                        const aclTensor* x3, const char* reduceOp, int64_t streamMode, int64_t gs,
+                        const aclTensor* out) {
   const std::pair<const aclTensor*, const char*> required[] = {
       {x1, "x1"}, {x2, "x2"}, {scale, "antiquantScale"}, {out, "output"}};
   for (auto& [t, name] : required) {
     if (t == nullptr) return Fail(ACLNN_ERR_PARAM_NULLPTR, std::string(name) + " is nullptr");
   }
   auto invalid = [](const std::string& msg) { return Fail(ACLNN_ERR_PARAM_INVALID, msg); };
-  if (group == nullptr || reduceOp == nullptr)
-    return Fail(ACLNN_ERR_PARAM_NULLPTR, "group or reduceOp is nullptr");
-  if (std::string(reduceOp) != "sum") return invalid("reduceOp must be sum");
-  if (commTurn != 0) return invalid("commTurn must be 0");
-  if (streamMode != 1) return invalid("streamMode must be 1");
-  if (!IsAct(x1->dtype)) return invalid("x1 dtype must be FLOAT16 or BFLOAT16");
-  if (x1->view.size() < 2 || x1->view.size() > 3) return invalid("x1 must be 2-D or 3-D");
-  if (x2->view.size() != 2) return invalid("x2 view must be 2-D");
+  // CheckDtypeValid
+  auto act_ok = [&](aclDataType t) {
+    return product == Product::k310P ? t == ACL_FLOAT16 : IsAct(t);
+  };
   const aclDataType wd = x2->dtype;
-  if (wd != ACL_INT8 && wd != ACL_INT4 && !IsFp8Like(wd)) return invalid("x2 dtype is not supported");
-  const int64_t k = x1->view.back(), n = x2->view[1];
-  const int64_t m = Numel(x1->view) / k;
-  if (x2->view[0] != k) return invalid("x2 k " + std::to_string(x2->view[0]) + " != x1 k " + std::to_string(k));
-  if (k < 1 || k > 65535 || n < 1 || n > 65535) return invalid("k and n must be in [1, 65535]");
-  if (m < 1 || m > 2147483647LL) return invalid("m must be in [1, 2^31-1]");
-  if (x2->format == ACL_FORMAT_FRACTAL_NZ) {
-    if (wd != ACL_INT8 && wd != ACL_INT4) return invalid("FRACTAL_NZ x2 must be INT8 or INT4");
+  bool w_ok = wd == ACL_INT8 || wd == ACL_INT4 ||
+              (product == Product::kAscend950 && (wd == ACL_FLOAT8_E4M3FN || wd == ACL_HIFLOAT8));
+  if (!act_ok(x1->dtype)) return invalid(std::string("x1 dtype ") + DtypeName(x1->dtype) + " is not supported");
+  if (!w_ok) return invalid(std::string("x2 dtype ") + DtypeName(wd) + " is not supported on this SoC");
+  if (!act_ok(scale->dtype)) return invalid("antiquantScale dtype is not supported");
+  if (!act_ok(out->dtype)) return invalid("output dtype is not supported");
+  if (scale->dtype != x1->dtype) return invalid("antiquantScale dtype must equal x1's");
+  if (out->dtype != x1->dtype) return invalid("output dtype must equal x1's");
+  if (bias && (!act_ok(bias->dtype) || bias->dtype != x1->dtype))
+    return invalid(std::string("bias dtype ") + DtypeName(bias->dtype) + " must equal x1's");
+  if (offset && (!act_ok(offset->dtype) || offset->dtype != scale->dtype))
+    return invalid("antiquantOffset dtype must equal antiquantScale's");
+  if (x3 && (!act_ok(x3->dtype) || x3->dtype != x1->dtype))
+    return invalid(std::string("x3 dtype ") + DtypeName(x3->dtype) + " must equal x1's");
+  // CheckAttr
+  if (std::string(reduceOp) != "sum") return invalid("reduceOp must be sum");
+  if (streamMode != 1) return invalid("streamMode must be 1 (ACL_STOP_ON_FAILURE)");
+  if (x1->view.empty()) return invalid("x1 must be 2-D or 3-D");
+  const int64_t k = x1->view.back();
+  if (k != 0 && gs != 0 && (gs % 32 != 0 || gs < 32 || gs > k - 1))
+    return invalid("antiquantGroupSize " + std::to_string(gs) + " must be a multiple of 32 in [32, k-1]");
+  // CheckShape
+  if (x1->view.size() < 2 || x1->view.size() > 3) return invalid("x1 must be 2-D or 3-D");
+  if (!IsNz(*x2)) {
+    if (x2->view.size() != 2) return invalid("x2 view must be 2-D");
+    const int64_t n = x2->view[1];
+    if (x2->view[0] != k) return invalid("x2 k " + std::to_string(x2->view[0]) + " != x1 k " + std::to_string(k));
+    std::vector<int64_t> out_dims(x1->view.begin(), x1->view.end() - 1);
+    out_dims.push_back(n);
+    if (out->view != out_dims) return invalid("output shape " + Dims(out->view) + " != " + Dims(out_dims));
+    if (Numel(out->view) == 0) return invalid("output is empty (only k may be 0)");
+    if (bias && bias->view != std::vector<int64_t>{n}) return invalid("bias shape " + Dims(bias->view) + " != (n,)");
+    if (x3 && x3->view != out->view) return invalid("x3 shape " + Dims(x3->view) + " != the output's");
+    if (k != 0) {
+      const auto& sd = scale->view;
+      if (sd.empty() || sd.size() > 2) return invalid("antiquantScale must be 1-D or 2-D");
+      bool scale_ok = gs ? (sd == std::vector<int64_t>{(k + gs - 1) / gs, n})
+                         : (sd == std::vector<int64_t>{1} || sd == std::vector<int64_t>{n} ||
+                            sd == std::vector<int64_t>{1, n});
+      if (!scale_ok) return invalid("antiquantScale shape " + Dims(sd) + " is not allowed");
+      if (offset && offset->view != sd) return invalid("antiquantOffset shape must equal antiquantScale's");
+    }
+  }
+  // Atlas A2: x2, scale and offset contiguous or transposed in their last two dims.
+  bool empty = x1->view[1] == 0 || x2->view[0] == 0 || (x2->view.size() > 1 && x2->view[1] == 0);
+  if (product == Product::kAtlasA2 && !empty) {
+    const std::pair<const aclTensor*, const char*> dense[] = {
+        {x2, "x2"}, {scale, "antiquantScale"}, {offset, "antiquantOffset"}};
+    for (auto& [t, name] : dense) {
+      if (t && !IsNz(*t) && !StrictContiguous(*t) && !TransposeLastTwo(*t))
+        return invalid(std::string(name) + " must be contiguous or transposed in its last two dims");
+    }
+  }
+  // Atlas A2 and 950: a per-group scale / offset is transposed together with x2.
+  if (product == Product::kAtlasA2 || product == Product::kAscend950) {
+    bool tx2 = Transposed(*x2);
+    if (AffineInconsistent(scale, tx2))
+      return invalid(std::string("antiquantScale must be ") + (tx2 ? "transposed with x2 (strides (1, G))" : "contiguous"));
+    if (AffineInconsistent(offset, tx2))
+      return invalid(std::string("antiquantOffset must be ") + (tx2 ? "transposed with x2 (strides (1, G))" : "contiguous"));
+  }
+  return ACLNN_SUCCESS;
+}
+
+// The tiling of aclnnInnerMatmulAllReduce (reached from the first stage): 561002.
+aclnnStatus CheckTiling(Product product, const aclTensor* x1, const aclTensor* x2,
+                        const aclTensor* bias, const aclTensor* scale, const aclTensor* offset,
+                        const aclTensor* x3, const Group* group, int64_t commTurn, int64_t gs,
+                        const aclTensor* out) {
+  auto tiling = [](const std::string& msg) { return Fail(ACLNN_ERR_INNER_TILING_ERROR, msg); };
+  if (product != Product::kAtlasA2 && product != Product::kAscend950)
+    return tiling("no weight-quant MatmulAllReduce tiling for this SoC");
+  std::vector<int> worlds = product == Product::kAtlasA2 ? std::vector<int>{1, 2, 4, 8}
+                                                         : std::vector<int>{1, 2, 4, 8, 16, 32, 64};
+  if (std::find(worlds.begin(), worlds.end(), group->size) == worlds.end())
+    return tiling("rank size " + std::to_string(group->size) + " is not supported on this SoC");
+  if (commTurn != 0) return tiling("commTurn must be 0");
+  const int64_t k = x1->view.back();
+  const bool nz = x2->format == ACL_FORMAT_FRACTAL_NZ;
+  if (x2->storage.size() != (nz ? 4u : 2u)) return tiling("x2 storage must be 4-D (NZ) or 2-D (ND)");
+  const int64_t n = out->view.back();
+  const int64_t m = Numel(out->view) / std::max<int64_t>(n, 1);
+  if (m < 1 || m > 2147483647LL) return tiling("m must be in [1, 2^31-1]");
+  if (k > 65535 || n < 1 || n > 65535) return tiling("k and n must be at most 65535 (n >= 1)");
+  if (nz) {
+    const aclDataType wd = x2->dtype;
+    if (wd != ACL_INT8 && wd != ACL_INT4) return tiling("a FRACTAL_NZ x2 must be INT8 or INT4");
     const int64_t c0 = wd == ACL_INT4 ? 64 : 32;
     bool transposed = Transposed(*x2);
     int64_t rows = transposed ? n : k, cols = transposed ? k : n;
     std::vector<int64_t> want = {(cols + c0 - 1) / c0, (rows + 15) / 16, 16, c0};
-    if (x2->storage != want) return invalid("FRACTAL_NZ x2 storage " + Dims(x2->storage) + " != " + Dims(want));
-  } else if (x2->format != ACL_FORMAT_ND) {
-    return invalid("x2 format must be ND or FRACTAL_NZ");
+    if (x2->storage != want) return tiling("FRACTAL_NZ x2 storage " + Dims(x2->storage) + " != " + Dims(want));
   }
-  if (gs != 0 && (gs % 32 != 0 || gs < 32 || gs > k - 1)) return invalid("antiquantGroupSize out of range");
-  if (scale->dtype != x1->dtype) return invalid("antiquantScale dtype must equal x1's");
-  const auto& sd = scale->view;
-  bool scale_ok = gs ? (sd == std::vector<int64_t>{(k + gs - 1) / gs, n})
-                     : (sd == std::vector<int64_t>{1} || sd == std::vector<int64_t>{n} ||
-                        sd == std::vector<int64_t>{1, n});
-  if (!scale_ok) return invalid("antiquantScale shape " + Dims(sd) + " is not allowed");
-  if (offset != nullptr) {
-    if (IsFp8Like(wd)) return invalid("antiquantOffset must be null with FP8/HiFloat8 weights");
-    if (offset->dtype != x1->dtype || offset->view != sd) return invalid("antiquantOffset must match antiquantScale");
+  const std::pair<const aclTensor*, const char*> optional[] = {
+      {x3, "x3"}, {bias, "bias"}, {scale, "antiquantScale"}, {offset, "antiquantOffset"}};
+  for (auto& [t, name] : optional) {
+    if (t && Numel(t->view) == 0) return tiling(std::string(name) + " is empty");
   }
-  std::vector<int64_t> out_dims(x1->view.begin(), x1->view.end() - 1);
-  out_dims.push_back(n);
-  if (out->view != out_dims || out->dtype != x1->dtype) return invalid("output must be " + Dims(out_dims) + " in x1's dtype");
-  if (bias != nullptr) {
-    bool dt_ok = bias->dtype == x1->dtype ||
-                 (IsFp8Like(wd) && x1->dtype == ACL_BF16 && bias->dtype == ACL_FLOAT);
-    if (!dt_ok || bias->view != std::vector<int64_t>{n}) return invalid("bias must be (n,) in x1's dtype");
+  if (k == 0) return ACLNN_SUCCESS;
+  const int64_t scale_numel = Numel(scale->view);
+  enum { kTensor, kChannel, kGroup } kind;
+  if (scale_numel == 1) {
+    if (gs != 0) return tiling("a one-element antiquantScale needs antiquantGroupSize 0");
+    kind = kTensor;
+  } else if (gs > 0) {
+    if (k < 33) return tiling("per-group needs k >= 33");
+    kind = kGroup;
+  } else {
+    if (scale_numel != n) return tiling("a per-channel antiquantScale must have n elements");
+    kind = kChannel;
   }
-  if (x3 != nullptr) {
-    bool dt_ok = x3->dtype == x1->dtype || (IsFp8Like(wd) && x3->dtype == ACL_FLOAT);
-    if (!dt_ok || x3->view != out_dims) return invalid("x3 must have the output's shape and x1's dtype");
+  if (nz && kind != kChannel) return tiling("a FRACTAL_NZ x2 needs a per-channel antiquantScale");
+  if (product == Product::kAscend950) {
+    const aclDataType wd = x2->dtype;
+    if (wd == ACL_FLOAT8_E4M3FN || wd == ACL_HIFLOAT8) {
+      if (offset) return tiling("FLOAT8_E4M3FN / HIFLOAT8 x2 takes no antiquantOffset");
+      if (kind != kChannel) return tiling("FLOAT8_E4M3FN / HIFLOAT8 x2 needs a per-channel antiquantScale");
+      if (nz) return tiling("FLOAT8_E4M3FN / HIFLOAT8 x2 must be ND");
+    }
+    const int64_t align = wd == ACL_INT4 ? 64 : 32;
+    if (kind == kGroup && (wd == ACL_INT8 || wd == ACL_INT4) && (n % align || k % align))
+      return tiling("per-group n and k must be multiples of " + std::to_string(align));
   }
-  if (!FindGroup(group)) return invalid(std::string("group '") + group + "' is not a known communicator");
   return ACLNN_SUCCESS;
 }
 
@@ -489,8 +675,24 @@ EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduceGetWorkspaceSize(
   if (g_fail_stage.load() == 1) return Fail(g_fail_code.load(), "injected failure (emulator)");
   if (workspaceSize == nullptr || executor == nullptr)
     return Fail(ACLNN_ERR_PARAM_NULLPTR, "workspaceSize or executor is nullptr");
-  aclnnStatus st = Check(x1, x2, bias, antiquantScale, antiquantOffset, x3, group, reduceOp,
-                         commTurn, streamMode, antiquantGroupSize, output);
+  const Product product = CurrentProduct();
+  aclnnStatus st = CheckParams(product, x1, x2, bias, antiquantScale, antiquantOffset, x3,
+                               reduceOp, streamMode, antiquantGroupSize, output);
+  if (st != ACLNN_SUCCESS) return st;
+  // HCCL resolves the group name on the calling thread's current device.
+  auto g = group ? FindGroup(group) : nullptr;
+  bool member = false;
+  if (g) {
+    std::lock_guard<std::mutex> lock(g->mu);
+    member = g->device_to_rank.count(t_device) > 0;
+  }
+  if (!member) {
+    return Fail(ACLNN_ERR_INNER_TILING_ERROR,
+                std::string("group '") + (group ? group : "(null)") + "' is not known on device " +
+                    std::to_string(t_device) + " (the calling thread's current device)");
+  }
+  st = CheckTiling(product, x1, x2, bias, antiquantScale, antiquantOffset, x3, g.get(),
+                   commTurn, antiquantGroupSize, output);
   if (st != ACLNN_SUCCESS) return st;
   auto* e = new aclOpExecutor;
   e->x1 = *x1;
@@ -532,14 +734,21 @@ EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduce(void* workspace, uint64_t
     }
     rank = it->second;
   }
+  g_calls.fetch_add(1);
   const aclTensor &x1 = e->x1, &x2 = e->x2, &sc = e->scale;
-  const int64_t k = x1.view.back(), n = x2.view[1], m = Numel(x1.view) / k;
+  const int64_t k = x1.view.back(), n = e->out.view.back(), m = Numel(e->out.view) / n;
   const int64_t gs = e->group_size;
-  const bool per_tensor = !gs && Numel(sc.view) == 1;
+  const bool per_tensor = Numel(sc.view) == 1;
+  // Scale / offset element of weight (i, j), through the descriptor's strides.
+  auto qparam = [&](int64_t i, int64_t j) -> int64_t {
+    if (per_tensor) return 0;
+    if (gs) return (i / gs) * sc.strides[0] + j * sc.strides[1];
+    return j * sc.strides.back();
+  };
   std::vector<float> w(static_cast<size_t>(k * n));
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      int64_t p = per_tensor ? 0 : gs ? (i / gs) * n + j : j;
+      int64_t p = qparam(i, j);
       float q = ReadWeight(&x2, WeightIndex(x2, i, j));
       if (e->has_offset) q += ReadFloat(&e->offset, p);
       w[i * n + j] = q * ReadFloat(&sc, p);
@@ -571,4 +780,12 @@ EMU_EXPORT void wqmm_emu_set_failure(int stage, int code) {
   g_fail_stage.store(stage);
 }
 EMU_EXPORT void wqmm_emu_set_timeout_ms(int64_t ms) { g_timeout_ms.store(ms); }
+// Operator runs so far (second stage calls that reached the computation).
+EMU_EXPORT int64_t wqmm_emu_calls() { return g_calls.load(); }
+// The emulated SoC: "Ascend910B4" (Atlas A2, the default), "Ascend950PR", "Ascend910_9391"
+// (Atlas A3), "Ascend310P3", ...
+EMU_EXPORT void wqmm_emu_set_soc(const char* soc) {
+  std::lock_guard<std::mutex> lock(g_soc_mu);
+  g_soc = soc ? soc : "";
+}
 EMU_EXPORT int64_t wqmm_emu_timeout_ms() { return g_timeout_ms.load(); }

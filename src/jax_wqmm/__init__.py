@@ -4,7 +4,8 @@
 ``output = allreduce_sum(x1 @ ((x2 + antiquant_offset) * antiquant_scale) + bias + x3)``
 """
 
-from .spec import ConstraintError, WqmmSpec, make_spec
+from .spec import (ConstraintError, PRODUCTS, WqmmSpec, current_target_product, make_spec,
+                   target_product)
 from .quantize import QuantizedWeight, quantize_weight, dequantize_weight
 from .ops import weight_quant_matmul_all_reduce, quant_matmul
 from . import formats, layers, reference
@@ -41,6 +42,9 @@ __all__ = [
     "ConstraintError",
     "WqmmSpec",
     "make_spec",
+    "target_product",
+    "current_target_product",
+    "PRODUCTS",
     "column_parallel_linear",
     "row_parallel_linear",
     "formats",

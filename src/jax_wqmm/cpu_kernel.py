@@ -40,7 +40,7 @@ DEQUANTIZE_SLAB = 1 << 21
 
 def supports(spec: WqmmSpec) -> bool:
     """Whether the CPU kernel covers this call (else the jnp reference runs)."""
-    return (spec.weight_dtype in ("int8", "int4") and spec.x2_format == "ND"
+    return (spec.weight_dtype in ("int8", "int4") and spec.x2_format == "ND" and spec.k > 0
             and spec.act_dtype in ("float16", "bfloat16"))
 
 

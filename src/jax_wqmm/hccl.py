@@ -23,14 +23,22 @@ import numpy as np
 from . import native
 from .spec import normalize_axis_name
 
-__all__ = ["register_group", "create_groups", "destroy_groups", "registered_groups", "device_ordinal"]
+__all__ = ["register_group", "create_groups", "destroy_groups", "registered_groups", "device_ordinal",
+           "live_communicators"]
 
 _comms: list[int] = []
 _lock = threading.Lock()
 
 
+def live_communicators() -> int:
+    """Communicators :func:`create_groups` made and :func:`destroy_groups` has not destroyed."""
+    with _lock:
+        return len(_comms)
+
+
 def device_ordinal(device: jax.Device) -> int:
-    """The local device ordinal XLA hands the handler (``DeviceOrdinal``)."""
+    """The local device ordinal XLA hands the handler (``DeviceOrdinal``), which the handler
+    makes current (``aclrtSetDevice``) as CANN's logical device id."""
     hw = getattr(device, "local_hardware_id", None)
     return int(device.id if hw is None else hw)
 
@@ -79,7 +87,8 @@ def create_groups(mesh: jax.sharding.Mesh, axis_name: str | Sequence[str]) -> di
             comms = ext.hccl_comm_init_all([device_ordinal(d) for d in group])
             results = list(zip(group, comms))
         else:
-            root = _exchange_root_info(ext, f"jax_wqmm/hccl/{key}/{gi}", group[0].process_index == me)
+            root = _exchange_root_info(ext, f"jax_wqmm/hccl/{key}/{gi}", group[0].process_index == me,
+                                       device_ordinal(local[0]))
             results = _init_root_info(ext, group, local, root)
         for d, (handle, name) in results:
             with _lock:
@@ -89,13 +98,15 @@ def create_groups(mesh: jax.sharding.Mesh, axis_name: str | Sequence[str]) -> di
     return out
 
 
-def _exchange_root_info(ext, kv_key: str, is_root: bool) -> bytes:
+def _exchange_root_info(ext, kv_key: str, is_root: bool, device: int = 0) -> bytes:
+    """The group's root info: made on ``device`` (current on this thread for HCCL) by the
+    group's first process and published under ``kv_key``; read from there by the others."""
     from jax._src import distributed
     client = distributed.global_state.client
     if client is None:
         raise RuntimeError("create_groups: a group spans processes; call jax.distributed.initialize() first")
     if is_root:
-        root = ext.hccl_get_root_info()
+        root = ext.hccl_get_root_info(device)
         client.key_value_set(kv_key, base64.b64encode(root).decode())
         return root
     return base64.b64decode(client.blocking_key_value_get(kv_key, 120_000))

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import formats, reference
-from .spec import WEIGHT_DTYPES, check_group_size, make_spec
+from .spec import FP8_LIKE, WEIGHT_DTYPES, ConstraintError, check_group_size, make_spec
 
 __all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight"]
 
 _INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 # |w| max maps to these. HiFloat8 is tapered: it has 3 mantissa bits only for |x| in
 # [2^-3, 16), so the largest magnitude goes to 15 rather than to HIFLOAT8_MAX (1 mantissa bit).
-_FLOAT_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0, "hifloat8": 15.0}
+_FLOAT_MAX = {"float8_e4m3fn": 448.0, "hifloat8": 15.0}
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 
@@ -33,10 +33,10 @@ class QuantizedWeight:
 
     Attributes:
       data: the stored weight: (k, n), (n, k) if ``transpose``, or 4-D FRACTAL_NZ storage of
-        either; int8 / int4 / float8_* / uint8 (HiFloat8 codes).
+        either; int8 / int4 / float8_e4m3fn / uint8 (HiFloat8 codes).
       scale: (1,), (n,) or (ceil(k / group_size), n).
       offset: None, or scale's shape (integer encodings, asymmetric only).
-      dtype: the encoding: "int8", "int4", "float8_e4m3fn", "float8_e5m2" or "hifloat8".
+      dtype: the encoding: "int8", "int4", "float8_e4m3fn" or "hifloat8".
       group_size: 0, or the per-group size along k.
       shape: the logical (k, n).
       transpose: ``data`` stores the (n, k) transpose.
@@ -78,9 +78,18 @@ class QuantizedWeight:
         return x.T if self.transpose else x
 
     def with_layout(self, *, transpose: bool = False, format: Literal["ND", "FRACTAL_NZ"] = "ND") -> "QuantizedWeight":
-        """The same weight stored transposed ((n, k)) and / or as FRACTAL_NZ."""
+        """The same weight stored transposed ((n, k)) and / or as FRACTAL_NZ.
+
+        Raises ConstraintError for a layout the operator does not take with this weight
+        (e.g. FRACTAL_NZ is per-channel int8 / int4 only)."""
         if format not in ("ND", "FRACTAL_NZ"):
             raise ValueError(f"format={format!r}: must be 'ND' or 'FRACTAL_NZ'")
+        if format == "FRACTAL_NZ" and self.dtype in FP8_LIKE:
+            raise ConstraintError("x2_format", format, f"only int8 and int4 weights may be FRACTAL_NZ, not {self.dtype}")
+        if format == "FRACTAL_NZ" and (self.group_size or self.scale.size == 1):
+            gran = "per_group" if self.group_size else "per_tensor"
+            raise ConstraintError("x2_format", format, f"a FRACTAL_NZ weight with a {gran} scale is not "
+                                  "taken on any product: FRACTAL_NZ takes per_channel only")
         x = self.logical_data()
         if transpose:
             x = x.T
@@ -92,7 +101,7 @@ class QuantizedWeight:
 def quantize_weight(
     w: jax.typing.ArrayLike,
     *,
-    dtype: Literal["int8", "int4", "float8_e4m3fn", "float8_e5m2", "hifloat8"] = "int8",
+    dtype: Literal["int8", "int4", "float8_e4m3fn", "hifloat8"] = "int8",
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel",
     group_size: int | None = None,
     symmetric: bool = True,
@@ -160,8 +169,11 @@ def quantize_weight(
         # w = (q + offset) * scale with lo landing on qmin; an integer, exact in scale_dtype.
         offset = (jnp.round(lo / scale.astype(jnp.float32)) - qmin).astype(scale_dtype)
 
-    spec = make_spec(jax.ShapeDtypeStruct((1, k), scale_dtype), jax.ShapeDtypeStruct((k, n), jnp.int8),
-                     scale, offset, antiquant_group_size=group_size or 0)
+    # The operator's rules for this weight (e.g. FP8 / HiFloat8: per-channel only).
+    stored = jnp.uint8 if dtype == "hifloat8" else jnp.dtype(dtype)
+    spec = make_spec(jax.ShapeDtypeStruct((1, k), scale_dtype), jax.ShapeDtypeStruct((k, n), stored),
+                     scale, offset, antiquant_group_size=group_size or 0,
+                     x2_dtype="hifloat8" if dtype == "hifloat8" else None)
     s = reference.expand_quant_param(scale, spec).astype(jnp.float32)
     x = wf / s
     if offset is not None:

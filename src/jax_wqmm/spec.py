@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -25,27 +25,103 @@ __all__ = [
     "WqmmSpec",
     "make_spec",
     "check_group_size",
+    "check_product",
+    "target_product",
+    "current_target_product",
+    "Product",
+    "PRODUCTS",
     "WEIGHT_DTYPES",
     "FP8_LIKE",
     "SUPPORTED_AXIS_SIZES",
     "nz_c0",
 ]
 
-#: Weight encodings the operator accepts (names as in ``ml_dtypes``; HiFloat8 has no NumPy
-#: dtype and is stored as ``uint8``).
-WEIGHT_DTYPES = ("int8", "int4", "float8_e5m2", "float8_e4m3fn", "hifloat8")
+#: Weight encodings some product's kernel accepts (names as in ``ml_dtypes``; HiFloat8 has no
+#: NumPy dtype and is stored as ``uint8``). float8_e5m2 appears only in an older operator doc:
+#: no current kernel takes it.
+WEIGHT_DTYPES = ("int8", "int4", "float8_e4m3fn", "hifloat8")
 #: Weight encodings for which the operator takes no ``antiquant_offset``.
-FP8_LIKE = frozenset({"float8_e5m2", "float8_e4m3fn", "hifloat8"})
-#: Activation dtypes (x1, scale, offset, output).
+FP8_LIKE = frozenset({"float8_e4m3fn", "hifloat8"})
+#: Activation dtypes (x1, scale, offset, bias, x3, output).
 ACTIVATION_DTYPES = ("float16", "bfloat16")
-#: World sizes the fused kernel supports on Atlas A2 (HCCS full mesh). Not an error on the
-#: reference path; the native path falls back to matmul + psum outside this set.
-SUPPORTED_AXIS_SIZES = frozenset({1, 2, 4, 8})
 X2_FORMATS = ("ND", "FRACTAL_NZ")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 K_N_MAX = 65535
 M_MAX = 2**31 - 1
 INT_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """What one Ascend product's kernel accepts beyond the rules common to all (ops-transformer
+    ``mc2/matmul_all_reduce``: op_api ``CheckDtypeValid`` and the tiling of each product).
+
+    Attributes:
+      name: the key of :data:`PRODUCTS` (``"atlas_a2"``, ``"ascend950"``).
+      title: the product's name in messages.
+      granularities: weight dtype -> the scale granularities its kernel takes.
+      nz_granularities: weight dtype -> granularities with a FRACTAL_NZ weight (absent: ND only).
+      group_alignment: weight dtype -> per-group calls need n and k multiples of this.
+      world_sizes: ranks of a communicator the kernel runs on.
+      deterministic: how to get reproducible sums.
+    """
+
+    name: str
+    title: str
+    granularities: Mapping[str, frozenset]
+    nz_granularities: Mapping[str, frozenset]
+    group_alignment: Mapping[str, int]
+    world_sizes: frozenset
+    deterministic: str
+
+    @property
+    def weight_dtypes(self) -> tuple[str, ...]:
+        return tuple(d for d in WEIGHT_DTYPES if d in self.granularities)
+
+
+_ALL = frozenset(GRANULARITIES)
+_CHANNEL = frozenset({"per_channel"})
+
+#: The products whose kernels implement the operator. Not supported (no kernel): Atlas A3,
+#: Atlas 200I/500 A2, Atlas inference (310P) and training series.
+PRODUCTS: dict[str, Product] = {
+    "atlas_a2": Product(
+        name="atlas_a2", title="Atlas A2",
+        granularities={"int8": _ALL, "int4": _ALL},
+        nz_granularities={"int8": _CHANNEL, "int4": _CHANNEL},
+        group_alignment={},
+        world_sizes=frozenset({1, 2, 4, 8}),
+        deterministic="non-deterministic unless HCCL_DETERMINISTIC=true"),
+    "ascend950": Product(
+        name="ascend950", title="Ascend 950PR/950DT",
+        granularities={"int8": _ALL, "int4": _ALL, "float8_e4m3fn": _CHANNEL, "hifloat8": _CHANNEL},
+        nz_granularities={},
+        group_alignment={"int8": 32, "int4": 64},
+        world_sizes=frozenset({1, 2, 4, 8, 16, 32, 64}),
+        deterministic="deterministic"),
+}
+
+
+def _union_product() -> Product:
+    """What at least one product accepts: the rules of the reference (no product chosen)."""
+    def merge(field):
+        out: dict = {}
+        for p in PRODUCTS.values():
+            for k, v in getattr(p, field).items():
+                out[k] = out.get(k, frozenset()) | v
+        return out
+    return Product(
+        name="any", title="any supported product (" + ", ".join(p.title for p in PRODUCTS.values()) + ")",
+        granularities=merge("granularities"), nz_granularities=merge("nz_granularities"),
+        group_alignment={},  # Atlas A2 has none
+        world_sizes=frozenset().union(*(p.world_sizes for p in PRODUCTS.values())),
+        deterministic="")
+
+
+ANY_PRODUCT = _union_product()
+#: World sizes the fused kernel supports on Atlas A2 (HCCS full mesh).
+SUPPORTED_AXIS_SIZES = PRODUCTS["atlas_a2"].world_sizes
 
 
 class ConstraintError(ValueError):
@@ -120,6 +196,16 @@ class WqmmSpec:
     bias_dtype: str | None
     x3_dtype: str | None
     has_offset: bool
+    # the product whose rules were checked besides the common ones (None: any product's)
+    product: str | None = None
+
+    @property
+    def scale_transposed(self) -> bool:
+        """Whether the kernel takes antiquant_scale / antiquant_offset transposed with x2: a
+        per-group (G, n) view with strides (1, G) over (n, G) storage (ops-transformer checks
+        it with ``IsAffineInconsistent``). The public API keeps the logical (G, n) array; the
+        native lowering hands the kernel that layout."""
+        return self.transpose_x2 and self.granularity == "per_group" and min(self.scale_shape) > 1
 
     @property
     def has_bias(self) -> bool:
@@ -187,7 +273,7 @@ def _check_options(reduce_op, comm_turn, stream_mode, x2_format, transpose_x2) -
     if isinstance(comm_turn, bool) or comm_turn != 0:
         _fail("comm_turn", comm_turn, "only 0 is supported")
     if isinstance(stream_mode, bool) or stream_mode != 1:
-        _fail("stream_mode", stream_mode, "only 1 (ACL_STREAM_FAST_LAUNCH) is supported")
+        _fail("stream_mode", stream_mode, "only 1 (ACL_STOP_ON_FAILURE) is supported")
     if x2_format not in X2_FORMATS:
         _fail("x2_format", x2_format, "must be 'ND' or 'FRACTAL_NZ'")
     if not isinstance(transpose_x2, (bool, np.bool_)):
@@ -206,9 +292,13 @@ def _weight_dtype(x2: Any, x2_dtype: Any) -> str:
     if stored == "uint8":
         _fail("x2", f"dtype {stored}",
               "a uint8 weight is HiFloat8 storage: pass x2_dtype='hifloat8'")
+    if stored == "float8_e5m2":
+        _fail("x2", f"dtype {stored}",
+              "no current Ascend kernel takes float8_e5m2 weights (only an older operator doc "
+              "lists them): use float8_e4m3fn or hifloat8")
     if stored not in WEIGHT_DTYPES:
         _fail("x2", f"dtype {stored}",
-              "must be int8, int4, float8_e5m2, float8_e4m3fn or uint8 with x2_dtype='hifloat8'")
+              "must be int8, int4, float8_e4m3fn or uint8 with x2_dtype='hifloat8'")
     return stored
 
 
@@ -219,7 +309,7 @@ def _check_range(argument: str, value: int, lo: int, hi: int, what: str) -> None
 
 def _nz_logical_shape(x2_shape, weight_dtype, transpose_x2, k, n_hint):
     """(k, n) of a FRACTAL_NZ weight; checks the 4-D storage against them."""
-    if weight_dtype not in ("int8", "int4"):
+    if weight_dtype not in ANY_PRODUCT.nz_granularities:
         _fail("x2_format", "FRACTAL_NZ", f"only int8 and int4 weights may be FRACTAL_NZ, not {weight_dtype}")
     if len(x2_shape) != 4:
         _fail("x2", f"shape {x2_shape}", "a FRACTAL_NZ weight must be 4-D (cols/C0, rows/16, 16, C0)")
@@ -259,12 +349,16 @@ def make_spec(
     reduce_op: Any = "sum",
     comm_turn: Any = 0,
     stream_mode: Any = 1,
+    product: str | None = None,
 ) -> WqmmSpec:
     """Checks every rule of the operator and returns the validated call description.
 
     Arguments are anything with ``.shape`` and ``.dtype`` (or None for optional ones).
+    ``product`` (default: :func:`current_target_product`) adds that product's rules to the
+    ones every product shares; without one, a call passes when some product accepts it.
     Raises :class:`ConstraintError` on the first rule broken.
     """
+    product = current_target_product() if product is None else _product_name(product)
     axes = normalize_axis_name(axis_name)
     _check_options(reduce_op, comm_turn, stream_mode, x2_format, transpose_x2)
     transpose_x2 = bool(transpose_x2)
@@ -281,7 +375,7 @@ def make_spec(
     k = x1_shape[-1]
     m = math.prod(x1_shape[:-1])
     _check_range("x1", m, 1, M_MAX, f"m (x1 shape {x1_shape} without its last dim, multiplied out)")
-    _check_range("x1", k, 1, K_N_MAX, f"k (x1 shape {x1_shape}, last dim)")
+    _check_range("x1", k, 0, K_N_MAX, f"k (x1 shape {x1_shape}, last dim)")
 
     # x2: the weight.
     if x2 is None:
@@ -289,6 +383,8 @@ def make_spec(
     weight_dtype = _weight_dtype(x2, x2_dtype)
     x2_shape = _shape(x2)
     group_size = check_group_size(antiquant_group_size, k)
+    if k == 0 and x2_format != "ND":
+        _fail("x2_format", x2_format, "k=0 (an empty matmul: output = bias + x3) needs an ND weight")
 
     if antiquant_scale is None:
         _fail("antiquant_scale", None, "is required")
@@ -348,29 +444,26 @@ def make_spec(
                   f"must have antiquant_scale's shape {scale_shape}")
 
     out_shape = x1_shape[:-1] + (n,)
-    fp8_like = weight_dtype in FP8_LIKE
 
-    # bias: (n,); x1's dtype, or bfloat16 / float32 with an FP8 / HiFloat8 weight and bf16 x1.
+    # bias: (n,) in x1's dtype (every current kernel; an older doc allowed float32 with FP8).
     bias_dtype = None
     if bias is not None:
         bias_dtype = _dtype_name(bias)
-        allowed = ("bfloat16", "float32") if fp8_like and act == "bfloat16" else (act,)
-        if bias_dtype not in allowed:
-            _fail("bias", f"dtype {bias_dtype}", f"must be {' or '.join(allowed)} (x1 is {act}, weight {weight_dtype})")
+        if bias_dtype != act:
+            _fail("bias", f"dtype {bias_dtype}", f"must be {act}, x1's dtype")
         if _shape(bias) != (n,):
             _fail("bias", f"shape {_shape(bias)}", f"must be 1-D ({n},): n, the output's last dim")
 
-    # x3: the output's shape; x1's dtype, or float32 too with an FP8 / HiFloat8 weight.
+    # x3: the output's shape, in x1's dtype (every current kernel; an older doc allowed float32).
     x3_dtype = None
     if x3 is not None:
         x3_dtype = _dtype_name(x3)
-        allowed = (act, "float32") if fp8_like else (act,)
-        if x3_dtype not in allowed:
-            _fail("x3", f"dtype {x3_dtype}", f"must be {' or '.join(allowed)} (x1 is {act}, weight {weight_dtype})")
+        if x3_dtype != act:
+            _fail("x3", f"dtype {x3_dtype}", f"must be {act}, x1's dtype")
         if _shape(x3) != out_shape:
             _fail("x3", f"shape {_shape(x3)}", f"must have the output's shape {out_shape}")
 
-    return WqmmSpec(
+    spec = WqmmSpec(
         axis_name=axes,
         group_size=group_size,
         transpose_x2=transpose_x2,
@@ -392,11 +485,90 @@ def make_spec(
         x3_dtype=x3_dtype,
         has_offset=antiquant_offset is not None,
     )
+    check_product(spec, None)
+    if product is not None:
+        check_product(spec, product)
+    return dataclasses.replace(spec, product=product)
 
 
 def respec(spec: WqmmSpec, x1, x2, antiquant_scale, antiquant_offset=None, bias=None, x3=None) -> WqmmSpec:
     """The spec of the same call options applied to other operands (used by batching)."""
-    return make_spec(x1, x2, antiquant_scale, antiquant_offset, bias, x3, **spec.options)
+    return make_spec(x1, x2, antiquant_scale, antiquant_offset, bias, x3, **spec.options,
+                     product=spec.product)
+
+
+# ------------------------------------------------------------------------------ products
+
+def _product_name(name: Any) -> str:
+    if name not in PRODUCTS:
+        _fail("product", name, f"must be one of {sorted(PRODUCTS)}")
+    return name
+
+
+def check_product(spec: WqmmSpec, product: str | None, world_size: int | None = None) -> None:
+    """Raises :class:`ConstraintError` when ``product``'s kernel would reject ``spec``
+    (None: when no product's kernel takes it). ``world_size``: the ranks of the reduction,
+    checked when given. The message names the product."""
+    p = ANY_PRODUCT if product is None else PRODUCTS[_product_name(product)]
+    on = f"on {p.title}" if product else f"on any product ({', '.join(q.title for q in PRODUCTS.values())})"
+    wd = spec.weight_dtype
+    if wd not in p.granularities:
+        _fail("x2", f"dtype {spec.weight_dtype}",
+              f"not taken {on}: its kernel takes {', '.join(p.weight_dtypes)} weights")
+    if spec.granularity not in p.granularities[wd]:
+        _fail("antiquant_scale", f"shape {spec.scale_shape}",
+              f"a {spec.granularity} scale with {wd} weights is not taken {on}: "
+              f"{wd} takes {', '.join(g for g in GRANULARITIES if g in p.granularities[wd])} only")
+    if spec.has_offset and wd in FP8_LIKE:
+        _fail("antiquant_offset", f"shape {spec.scale_shape}", f"must be None with {wd} weights")
+    if spec.x2_format == "FRACTAL_NZ":
+        allowed = p.nz_granularities.get(wd, frozenset())
+        if not allowed:
+            _fail("x2_format", spec.x2_format, f"{wd} weights must be ND {on}")
+        if spec.granularity not in allowed:
+            _fail("x2_format", spec.x2_format,
+                  f"a FRACTAL_NZ weight with a {spec.granularity} scale is not taken {on}: "
+                  f"FRACTAL_NZ takes {', '.join(sorted(allowed))} only")
+    align = p.group_alignment.get(wd)
+    if align and spec.granularity == "per_group":
+        for name, v in (("k", spec.k), ("n", spec.n)):
+            if v % align:
+                _fail("x2", f"shape {spec.x2_shape}",
+                      f"{name}={v}: per-group {wd} weights need n and k multiples of {align} {on}")
+    if world_size is not None and world_size not in p.world_sizes:
+        _fail("axis_name", spec.axis_name,
+              f"spans {world_size} devices; the kernel {on} runs on "
+              f"{', '.join(map(str, sorted(p.world_sizes)))} ranks")
+
+
+def _target_state():
+    from jax._src import config as jax_config  # as jax's own flags: part of the jit cache key
+
+    return jax_config.optional_enum_state(
+        name="jax_wqmm_target_product", enum_values=list(PRODUCTS), default=None,
+        help="Check every jax_wqmm call against this Ascend product's rules (None: accept "
+             "what any product accepts).",
+        include_in_jit_key=True, include_in_trace_context=True)
+
+
+_TARGET_PRODUCT = _target_state()
+
+
+def current_target_product() -> str | None:
+    """The product whose rules every call is checked against (None: any product's)."""
+    return _TARGET_PRODUCT.value
+
+
+def target_product(product: str | None):
+    """Checks every call traced inside against ``product``'s rules: ``"atlas_a2"`` or
+    ``"ascend950"`` (:data:`PRODUCTS`); None: what any product accepts.
+
+    A context manager (``with wq.target_product("atlas_a2"): ...``, per thread); the process
+    setting is ``jax.config.update("jax_wqmm_target_product", name)`` or the environment
+    variable ``JAX_WQMM_TARGET_PRODUCT``. The setting is part of jit's cache key, so a function
+    traced under one product is traced again under another.
+    """
+    return _TARGET_PRODUCT(None if product is None else _product_name(product))
 
 
 def unpack_operands(spec: WqmmSpec, operands: Sequence[Any]):

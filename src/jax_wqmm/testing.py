@@ -11,7 +11,12 @@ primitive on the CPU platform through the native FFI handler instead of the defa
     ...jit(shard_map(...))...            # one custom call per device, no XLA all-reduce
     wqt.use_default()                    # back to the default CPU lowering
 
-This is an emulation of the ABI: it says nothing about CANN's own numerics or performance.
+Switching lowerings clears JAX's caches (``jax.clear_caches``), so functions compiled before
+the switch are lowered again with the new rule.
+
+The emulator's argument checks are ported from CANN's op_api and tiling for an emulated SoC
+(:meth:`Emulator.set_soc`; Atlas A2 "Ascend910B4" by default). This is an emulation of the ABI:
+it says nothing about CANN's own numerics or performance.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import functools
 import os
 from pathlib import Path
 
+import jax
 from jax.interpreters import mlir
 
 from . import native
@@ -45,10 +51,13 @@ class Emulator:
     def __init__(self, path: Path):
         self.path = path
         lib = ctypes.CDLL(os.fspath(path))
-        for name in ("wqmm_emu_live_tensors", "wqmm_emu_live_executors", "wqmm_emu_timeout_ms"):
+        for name in ("wqmm_emu_live_tensors", "wqmm_emu_live_executors", "wqmm_emu_timeout_ms",
+                     "wqmm_emu_calls"):
             getattr(lib, name).restype = ctypes.c_int64
         lib.wqmm_emu_set_failure.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.wqmm_emu_set_timeout_ms.argtypes = [ctypes.c_int64]
+        lib.wqmm_emu_set_soc.argtypes = [ctypes.c_char_p]
+        lib.aclrtGetSocName.restype = ctypes.c_char_p
         self._lib = lib
 
     def live_tensors(self) -> int:
@@ -57,6 +66,32 @@ class Emulator:
 
     def live_executors(self) -> int:
         return int(self._lib.wqmm_emu_live_executors())
+
+    def calls(self) -> int:
+        """Operator runs (second stage) so far."""
+        return int(self._lib.wqmm_emu_calls())
+
+    @property
+    def soc(self) -> str:
+        """The emulated SoC name (what ``aclrtGetSocName`` returns)."""
+        return self._lib.aclrtGetSocName().decode()
+
+    def set_soc(self, soc: str) -> None:
+        """Emulates another SoC: "Ascend910B4" (Atlas A2, the default), "Ascend950PR",
+        "Ascend910_9391" (Atlas A3), "Ascend310P3", ... Clears JAX's caches (the native
+        lowering checks the product it finds)."""
+        self._lib.wqmm_emu_set_soc(soc.encode())
+        jax.clear_caches()
+
+    @contextlib.contextmanager
+    def emulating(self, soc: str):
+        """``with emu.emulating("Ascend950PR"):`` another SoC, then back."""
+        old = self.soc
+        self.set_soc(soc)
+        try:
+            yield self
+        finally:
+            self.set_soc(old)
 
     def set_failure(self, stage: str | None, code: int = 161002) -> None:
         """Every call of ``stage`` ("workspace" or "run") fails with ``code``; None clears."""
@@ -92,27 +127,32 @@ def use_emulator(platform: str = "cpu") -> Emulator:
     path = emulator_library_path()
     if not path.exists():
         raise FileNotFoundError(f"{path}: the emulator is not built (install with `pip install .`)")
-    native.configure_cann(lib_dirs=[], library_names={r: os.fspath(path) for r in native.DEFAULT_LIBRARY_NAMES})
+    if native.library_names().get("opapi") != (os.fspath(path),) or not native.extension().cann_loaded():
+        native.configure_cann(lib_dirs=[], library_names={r: os.fspath(path) for r in native.DEFAULT_LIBRARY_NAMES})
     native.load_cann()
     native.register_targets(platform, HOST_TARGET, NOOP_TARGET)
-    mlir.register_lowering(wqmm_p, native.native_lowering(HOST_TARGET), platform=platform)
+    mlir.register_lowering(wqmm_p, native.native_lowering(HOST_TARGET, platform), platform=platform)
+    jax.clear_caches()  # executables compiled with the previous lowering must not be reused
     return _emulator(os.fspath(path))
 
 
 def use_reference(platform: str = "cpu") -> None:
-    """Lowers the op on ``platform`` with the jnp reference (the oracle)."""
+    """Lowers the op on ``platform`` with the jnp reference (the oracle), from the next call
+    on (JAX's caches are cleared)."""
     from . import cpu_kernel
 
     cpu_kernel.unregister(platform)
+    jax.clear_caches()
 
 
 def use_default(platform: str = "cpu") -> None:
     """Restores the default lowering on ``platform``: the CPU kernel where the extension is
-    built, else the jnp reference."""
+    built, else the jnp reference (from the next call on: JAX's caches are cleared)."""
     from . import cpu_kernel
 
     if not cpu_kernel.register(platform):
         cpu_kernel.unregister(platform)
+    jax.clear_caches()
 
 
 @contextlib.contextmanager

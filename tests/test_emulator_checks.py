@@ -238,3 +238,46 @@ def test_a_product_without_a_kernel_is_a_constraint_error_at_lowering(direct):
         assert native.npu_product("cpu") == "atlas_a2"  # the emulator's default SoC, Ascend910B4
     finally:
         wqt.destroy_groups()
+
+
+def test_a_group_resolves_only_on_its_devices_current_thread(direct):
+    """HCCL looks the group name up in the table of the calling thread's current device."""
+    d, emu = direct
+    try:
+        d.set_device(5)
+        st, msg = d.call(group=d.group_name, **base())
+        assert st == TILING and f"group '{d.group_name}' is not known on device 5" in msg
+    finally:
+        d.set_device(0)
+    assert d.call(group=d.group_name, **base()) == (0, "")
+
+
+def test_root_info_needs_a_current_device(direct):
+    import ctypes
+    import threading
+
+    d, _ = direct
+    out = {}
+
+    def fresh_thread():  # no aclrtSetDevice on this thread yet
+        info = ctypes.create_string_buffer(4108)
+        out["without"] = d.lib.HcclGetRootInfo(info)
+        out["message"] = (d.lib.aclGetRecentErrMsg() or b"").decode()
+        d.set_device(3)
+        out["with"] = d.lib.HcclGetRootInfo(info)
+
+    t = threading.Thread(target=fresh_thread)
+    t.start()
+    t.join()
+    assert out["without"] != 0 and "no current device" in out["message"]
+    assert out["with"] == 0
+
+
+def test_unknown_device_kind_warns_and_uses_the_a2_rules(direct, recwarn):
+    d, emu = direct
+    native._warned.clear()
+    with emu.emulating("MysteryChip"):
+        with pytest.warns(RuntimeWarning, match=r"no known Ascend product in the device kind / SoC name \['cpu', 'MysteryChip'\]; checking calls against the Atlas A2 rules"):
+            assert native.npu_product("cpu") == "atlas_a2"
+    with wq.target_product("ascend950"):  # the setting wins over the device
+        assert native.npu_product("cpu") == "ascend950"

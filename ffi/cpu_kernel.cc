@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "decode_bf16.h"
-#include "float_bits.h"
+#include "numerics.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -18,46 +18,6 @@
 
 namespace jax_wqmm::cpu {
 namespace {
-
-WQMM_INLINE float F16ToF32(uint16_t h) {
-  uint32_t s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
-  if (e == 0) {
-    if (m == 0) {
-      u = s;
-    } else {  // subnormal: normalize
-      e = 127 - 15 + 1;
-      while ((m & 0x400u) == 0) { m <<= 1; --e; }
-      u = s | (e << 23) | ((m & 0x3ffu) << 13);
-    }
-  } else if (e == 31) {
-    u = s | 0x7f800000u | (m << 13);
-  } else {
-    u = s | ((e + 127 - 15) << 23) | (m << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-WQMM_INLINE uint16_t F32ToF16(float f) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(s | 0x7e00u);
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(s | 0x7c00u);  // >= 65520: inf
-  if (a < 0x38800000u) {                                            // subnormal or zero
-    float v;
-    std::memcpy(&v, &a, 4);
-    float q = v * 16777216.0f;  // 2^24: exact scaling, then round to an integer
-    uint32_t r = static_cast<uint32_t>(__builtin_nearbyintf(q));
-    return static_cast<uint16_t>(s | r);
-  }
-  uint32_t e = (a >> 23) - 127 + 15, mant = a & 0x7fffffu;
-  uint32_t h = (e << 10) | (mant >> 13);
-  uint32_t rest = mant & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(s | h);
-}
 
 WQMM_INLINE float Load(const void* p, Float t, int64_t i) {
   switch (t) {
@@ -150,88 +110,60 @@ WQMM_INLINE void CodesRowND(const Problem& p, int64_t kk, int64_t j0, int64_t le
   }
 }
 
-// Dequantizes W[kk, j0:j1) (ND storage) into buf[0:j1-j0).
+// The dequantized weight (numerics.h, the kernel's rounding) of the codes in buf[0:len), with
+// scale s and offset o rows, in place.
+template <bool kOffset>
+WQMM_INLINE void DequantInPlace(bool f16, const float* __restrict s, const float* __restrict o,
+                                int64_t len, float* __restrict buf) {
+  if (f16) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) buf[j] = DequantF16(buf[j], kOffset ? o[j] : 0.0f, s[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) buf[j] = DequantBf16(buf[j], kOffset ? o[j] : 0.0f, s[j]);
+  }
+}
+
+// Dequantizes W[kk, j0:j1) (ND storage) into buf[0:j1-j0), rounded as the kernel does.
 template <bool kInt4, bool kOffset>
 WQMM_INLINE void DequantRowND(const Problem& p, const QuantParams& q, int64_t kk, int64_t j0,
                               int64_t j1, float* __restrict buf) {
   const int64_t len = j1 - j0;
   CodesRowND<kInt4>(p, kk, j0, len, buf);
-  const float* __restrict s = q.scale_row(kk) + j0;
-  const float* __restrict o = kOffset ? q.offset_row(kk) + j0 : nullptr;
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) {
-    float v = buf[j];
-    if constexpr (kOffset) v += o[j];
-    buf[j] = v * s[j];
-  }
+  DequantInPlace<kOffset>(p.act == Float::kF16, q.scale_row(kk) + j0,
+                          kOffset ? q.offset_row(kk) + j0 : nullptr, len, buf);
 }
 
-// Partial y (m x n, overwritten) over the k slice [k0, k1) of ND storage. Within a panel of
-// rows sharing one scale/offset row, y += s * (sum_k x q + offset * sum_k x): the codes are
-// read from memory once (panel by panel), and scaled once per panel, not per element.
+// Partial y (m x n, overwritten) over the k slice [k0, k1) of ND storage: y += x @ W with W
+// dequantized row by row as the kernel rounds it (numerics.h), read from memory once.
 template <bool kInt4, bool kOffset>
 WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const float* x, float* y,
                               int64_t k0, int64_t k1) {
   const int64_t m = p.m, n = p.n;
-  const int64_t panel = q.group ? std::min<int64_t>(kPanel, q.group & -q.group) : kPanel;
   // Few rows: whole rows at a time, so each thread streams its codes strictly sequentially.
   const int64_t block = m < kRows ? n : kBlockN;
-  // int4, one row, even n: every row starts on a byte, so pairs split into even / odd columns.
-  const bool split = kInt4 && m == 1 && n % 2 == 0;
-  std::vector<float> pbuf(m < kRows ? n : kPanel * kBlockN), raw(m * block), xs(m);
+  std::vector<float> pbuf(m < kRows ? n : kPanel * kBlockN), raw(m * block);
   std::fill(y, y + m * n, 0.0f);
-  for (int64_t r0 = k0; r0 < k1; r0 = std::min(k1, (r0 / panel + 1) * panel)) {
-    const int64_t r1 = std::min(k1, (r0 / panel + 1) * panel);
-    const float* __restrict s = q.scale_row(r0);
-    const float* __restrict o = kOffset ? q.offset_row(r0) : nullptr;
-    for (int64_t r = 0; r < (kOffset ? m : 0); ++r) {  // sum_k x, for the offset term
-      float acc = 0.0f;
-      for (int64_t kk = r0; kk < r1; ++kk) acc += x[r * p.k + kk];
-      xs[r] = acc;
-    }
+  for (int64_t r0 = k0; r0 < k1; r0 = std::min(k1, r0 + kPanel)) {
+    const int64_t r1 = std::min(k1, r0 + kPanel);
     for (int64_t j0 = 0; j0 < n; j0 += block) {
       const int64_t len = std::min(block, n - j0), rows = r1 - r0;
-      if (m < kRows) {  // decode: stream the codes straight into the accumulators
-        std::fill(raw.begin(), raw.begin() + m * len, 0.0f);
+      if (m < kRows) {  // decode: stream each dequantized row into the accumulators
         for (int64_t kk = r0; kk < r1; ++kk) {
-          if constexpr (!kInt4) {
-            if (m == 1) {  // one row: convert and accumulate in one pass
-              const int8_t* __restrict w = reinterpret_cast<const int8_t*>(p.x2) + kk * p.n + j0;
-              const float xv = x[kk];
-              float* __restrict a = raw.data();
-#pragma omp simd
-              for (int64_t j = 0; j < len; ++j) a[j] += xv * static_cast<float>(w[j]);
-              continue;
-            }
-          } else {
-            const int64_t e0 = kk * p.n + j0;
-            if (split) {  // one row of packed pairs: even and odd columns accumulate apart
-              const uint8_t* __restrict w = p.x2 + (e0 >> 1);
-              const float xv = x[kk];
-              float* __restrict even = raw.data();
-              float* __restrict odd = raw.data() + len / 2;
-#pragma omp simd
-              for (int64_t i = 0; i < len / 2; ++i) {
-                int8_t b = static_cast<int8_t>(w[i]);
-                even[i] += xv * static_cast<float>(static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4));
-                odd[i] += xv * static_cast<float>(static_cast<int8_t>(b >> 4));
-              }
-              continue;
-            }
-          }
           float* __restrict b = pbuf.data();
-          CodesRowND<kInt4>(p, kk, j0, len, b);
+          DequantRowND<kInt4, kOffset>(p, q, kk, j0, j0 + len, b);
           for (int64_t r = 0; r < m; ++r) {
             const float xv = x[r * p.k + kk];
-            float* __restrict a = raw.data() + r * len;
+            float* __restrict a = y + r * n + j0;
 #pragma omp simd
             for (int64_t j = 0; j < len; ++j) a[j] += xv * b[j];
           }
         }
-      } else {
-      // The panel's codes as floats (rows x len, in L2), then a register-blocked product:
+        continue;
+      }
+      // The panel's dequantized rows (rows x len, in L2), then a register-blocked product:
       // kRows rows of x by kLanes columns of accumulators stay in registers across the panel.
-      for (int64_t kk = r0; kk < r1; ++kk) CodesRowND<kInt4>(p, kk, j0, len, pbuf.data() + (kk - r0) * len);
+      for (int64_t kk = r0; kk < r1; ++kk) DequantRowND<kInt4, kOffset>(p, q, kk, j0, j0 + len, pbuf.data() + (kk - r0) * len);
       const int64_t full = len / kLanes * kLanes;
       for (int64_t r = 0; r < m; r += kRows) {
         const int64_t nr = std::min<int64_t>(kRows, m - r);
@@ -257,35 +189,21 @@ WQMM_INLINE void MatmulRowsND(const Problem& p, const QuantParams& q, const floa
           }
         }
       }
-      }
-      if (split) {  // back to column order
-        std::copy(raw.begin(), raw.begin() + len, pbuf.begin());
-        for (int64_t i = 0; i < len / 2; ++i) {
-          raw[2 * i] = pbuf[i];
-          raw[2 * i + 1] = pbuf[len / 2 + i];
-        }
-      }
       for (int64_t r = 0; r < m; ++r) {
         const float* __restrict a = raw.data() + r * len;
         float* __restrict out = y + r * n + j0;
-        const float xr = xs[r];
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          float v = a[j];
-          if constexpr (kOffset) v += o[j0 + j] * xr;
-          out[j] += s[j0 + j] * v;
-        }
+        for (int64_t j = 0; j < len; ++j) out[j] += a[j];
       }
     }
   }
 }
 
-// Dequantized W[kk, j] of transposed storage.
+// Dequantized W[kk, j] of transposed storage, rounded as the kernel does.
 template <bool kOffset>
 WQMM_INLINE float DequantT(const Problem& p, const QuantParams& q, int64_t j, int64_t kk) {
-  float v = CodeT(p, j, kk);
-  if constexpr (kOffset) v += q.offset_row(kk)[j];
-  return v * q.scale_row(kk)[j];
+  return Dequant(p.act == Float::kF16, CodeT(p, j, kk), kOffset ? q.offset_row(kk)[j] : 0.0f,
+                 q.scale_row(kk)[j]);
 }
 
 // Columns [c0, c1) of y for transposed storage: a dot product over k per column.
@@ -532,11 +450,11 @@ void Matmul(const Problem& p, const Workers& workers) {
     bias.resize(p.n);
     ToF32(p.bias, p.bias_dtype, p.n, bias.data());
   }
+  const bool f16 = p.act == Float::kF16;
   for (int64_t r = 0; r < p.m; ++r) {
-    for (int64_t j = 0; j < p.n; ++j) {
-      float v = y[r * p.n + j];
-      if (p.bias) v += bias[j];
-      if (p.x3) v += Load(p.x3, p.x3_dtype, r * p.n + j);
+    for (int64_t j = 0; j < p.n; ++j) {  // the kernel's epilogue (numerics.h)
+      float v = OutputElement(f16, y[r * p.n + j], p.bias != nullptr, p.bias ? bias[j] : 0.0f,
+                              p.x3 != nullptr, p.x3 ? Load(p.x3, p.x3_dtype, r * p.n + j) : 0.0f);
       Store(p.out, p.act, r * p.n + j, v);
     }
   }

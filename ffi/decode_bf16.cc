@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "float_bits.h"
+#include "numerics.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -66,21 +66,37 @@ WQMM_INLINE __mmask32 ByteMask(int64_t bytes) {
   return bytes >= 32 ? ~__mmask32{0} : bytes <= 0 ? __mmask32{0} : (__mmask32{1} << bytes) - 1;
 }
 
-// The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, from rows a (k) and b (k + 1)
-// at the tile's first column j, as four vectors of 16 lanes. int8 lanes are in column order
-// (vector v: columns j + 16v ...); int4 lanes are not (ColumnOrder restores it). cols < 64
-// only at the ragged end (masked loads: zero codes).
-template <bool kInt4>
-WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, __m512i out[kVectors]) {
+// Dequantizes two rows' codes of 16 lanes (float32 values fa, fb) with the lanes' scale and
+// offset and returns them as bf16 pairs (fa[l], fb[l]) per 32-bit lane: the kernel's rounding
+// for bf16 activations (numerics.h: float32 math, one round to nearest even).
+template <bool kOffset>
+WQMM_BF16 WQMM_INLINE __m512i DequantPairs(__m512 fa, __m512 fb, __m512 s, __m512 o) {
+  if constexpr (kOffset) {
+    fa = _mm512_add_ps(fa, o);
+    fb = _mm512_add_ps(fb, o);
+  }
+  // vcvtne2ps2bf16 rounds to nearest even: words 0..15 from fa, 16..31 from fb; interleave
+  const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(fb, s), _mm512_mul_ps(fa, s));
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(pairs, ab);
+}
+
+// The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, dequantized, from rows a (k)
+// and b (k + 1) at the tile's first column j, as four vectors of 16 lanes. int8 lanes are in
+// column order (vector v: columns j + 16v ...); int4 lanes are not (ColumnOrder restores the
+// sums' order). sl / ol: the tile's scale and offset in the same lane order (LaneOrder).
+// cols < 64 only at the ragged end (masked loads: zero codes, whose sums are never stored).
+template <bool kInt4, bool kOffset>
+WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, const float* sl,
+                                     const float* ol, __m512i out[kVectors]) {
   if constexpr (!kInt4) {
-    // an int8 is exact in bf16: a float's top half is its bf16; row k low, k + 1 high
-    const __m512i tops = _mm512_set_epi16(63, 31, 61, 29, 59, 27, 57, 25, 55, 23, 53, 21, 51, 19, 49, 17,
-                                          47, 15, 45, 13, 43, 11, 41, 9, 39, 7, 37, 5, 35, 3, 33, 1);
     for (int v = 0; v < kVectors; ++v) {
       const __mmask16 mask = LaneMask(cols - 16 * v);
-      const __m512i fa = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * v))));
-      const __m512i fb = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * v))));
-      out[v] = _mm512_permutex2var_epi16(fa, tops, fb);
+      const __m512 fa = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * v)));
+      const __m512 fb = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * v)));
+      out[v] = DequantPairs<kOffset>(fa, fb, _mm512_load_ps(sl + 16 * v),
+                                     kOffset ? _mm512_load_ps(ol + 16 * v) : _mm512_setzero_ps());
     }
   } else {
     const __mmask32 mask = ByteMask(cols / 2);
@@ -91,11 +107,26 @@ WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t
     const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(va, vb));
     const __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(va, vb));
     const __m512i lut = _mm512_load_si512(kInt4Bf16);
-    out[0] = _mm512_permutexvar_epi16(lo, lut);                         // columns 2i, i in lo
-    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), lut);  // columns 2i + 1
-    out[2] = _mm512_permutexvar_epi16(hi, lut);
-    out[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), lut);
+    __m512i codes[kVectors];
+    codes[0] = _mm512_permutexvar_epi16(lo, lut);                         // columns 2i, i in lo
+    codes[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), lut);  // columns 2i + 1
+    codes[2] = _mm512_permutexvar_epi16(hi, lut);
+    codes[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), lut);
+    const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int v = 0; v < kVectors; ++v) {  // each lane: (row a's bf16, row b's bf16) -> floats
+      const __m512 fa = _mm512_castsi512_ps(_mm512_slli_epi32(codes[v], 16));
+      const __m512 fb = _mm512_castsi512_ps(_mm512_and_si512(codes[v], top));
+      out[v] = DequantPairs<kOffset>(fa, fb, _mm512_load_ps(sl + 16 * v),
+                                     kOffset ? _mm512_load_ps(ol + 16 * v) : _mm512_setzero_ps());
+    }
   }
+}
+
+// The column (within its tile) of lane l of pair vector v: int8 lanes are in column order;
+// int4 lanes as PairCodes makes them (see ColumnOrder).
+WQMM_INLINE int64_t LaneColumn(bool int4, int v, int l) {
+  if (!int4) return 16 * v + l;
+  return (l < 8 ? 2 * l : 2 * l + 16) + (v >= 2 ? 16 : 0) + (v & 1);
 }
 
 // int4 sums in PairCodes' lane order back to column order: columns 0..15 are bytes 0..7
@@ -115,16 +146,11 @@ WQMM_BF16 WQMM_INLINE __m512 LoadBf16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
-// What a panel does with its sums: the first panel of a group stores them, the middle ones
-// add, the last folds raw + sums into y with the group's scale and offset:
-// y += s * (sum_k x q + o * sum_k x).
-enum class Mode { kStore, kAdd, kFold, kFoldRaw };
-
+// The scale and offset of one group's columns, as floats in the lane order of PairCodes,
+// tile by tile (kTile floats per tile). ol is null without an offset.
 struct Group {
-  const uint16_t* scale = nullptr;   // bf16 row (n) of this group; null: per tensor (s0)
-  const uint16_t* offset = nullptr;  // bf16 row (n); null: per tensor (o0) or no offset
-  float s0 = 0, o0 = 0;
-  const float* xs = nullptr;  // (m,) sum of x over the group's rows; null: no offset
+  const float* sl = nullptr;
+  const float* ol = nullptr;
 };
 
 struct Tile {
@@ -135,18 +161,17 @@ struct Tile {
   int64_t pair_stride;     // vectors from one pair to the next in pairs
   const uint32_t* xp;      // x pairs of the block's first row at the panel's first pair
   int64_t kpairs;          // x pairs per row
+  const float *sl, *ol;    // the tile's scale / offset in lane order (direct blocks)
 };
 
 struct Out {
-  Mode mode;
-  const Group* g;
-  float *raw, *y;          // (m, n) each
+  float* y;                // (m, n): the sums are added to it
   int64_t n, r, j;         // first row of the block, first column of the tile
 };
 
-// MR rows of x by one tile: the sums over the panel's pairs in registers, then handed on
-// (Mode). Direct blocks convert their codes; built ones read the panel's pairs.
-template <bool kInt4, int MR, bool kBuilt>
+// MR rows of x by one tile: the sums over the panel's pairs in registers, then added to y.
+// Direct blocks dequantize their codes as they go; built ones read the panel's pairs.
+template <bool kInt4, bool kOffset, int MR, bool kBuilt>
 WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
   constexpr int NV = kVectors;
   __m512 acc[MR][NV];
@@ -163,7 +188,7 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
       for (int v = 0; v < NV; ++v) b[v] = t.pairs[kp * t.pair_stride + v];
     } else {  // an odd last row pairs with itself; its x partner is the zero padding
       const uint8_t* a = t.w + 2 * kp * t.stride;
-      PairCodes<kInt4>(a, 2 * kp + 1 < t.rows ? a + t.stride : a, t.cols, b);
+      PairCodes<kInt4, kOffset>(a, 2 * kp + 1 < t.rows ? a + t.stride : a, t.cols, t.sl, t.ol, b);
     }
 #pragma GCC unroll 8
     for (int rr = 0; rr < MR; ++rr) {
@@ -175,62 +200,34 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
   __mmask16 mk[NV];
   #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) mk[v] = LaneMask(t.cols - 16 * v);
-  const Group& g = *o.g;
-  __m512 s[NV], off[NV];
-  #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) s[v] = off[v] = _mm512_setzero_ps();
-  if (o.mode == Mode::kFold || o.mode == Mode::kFoldRaw) {
-    #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      s[v] = g.scale ? LoadBf16(g.scale + o.j + 16 * v, mk[v]) : _mm512_set1_ps(g.s0);
-      off[v] = g.offset ? LoadBf16(g.offset + o.j + 16 * v, mk[v]) : _mm512_set1_ps(g.o0);
-    }
-  }
   #pragma GCC unroll 8
   for (int rr = 0; rr < MR; ++rr) {
     __m512 sums[NV];
     #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) sums[v] = acc[rr][v];
     if constexpr (kInt4) ColumnOrder(sums);
-    float* raw = o.raw + (o.r + rr) * o.n + o.j;
     float* y = o.y + (o.r + rr) * o.n + o.j;
     #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      __m512 sum = sums[v];
-      switch (o.mode) {
-        case Mode::kStore:
-          _mm512_mask_storeu_ps(raw + 16 * v, mk[v], sum);
-          break;
-        case Mode::kAdd:
-          _mm512_mask_storeu_ps(raw + 16 * v, mk[v], _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], raw + 16 * v), sum));
-          break;
-        case Mode::kFoldRaw:
-          sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], raw + 16 * v), sum);
-          [[fallthrough]];
-        case Mode::kFold:
-          if (g.xs) sum = _mm512_fmadd_ps(off[v], _mm512_set1_ps(g.xs[o.r + rr]), sum);
-          _mm512_mask_storeu_ps(y + 16 * v, mk[v],
-                                _mm512_fmadd_ps(s[v], sum, _mm512_maskz_loadu_ps(mk[v], y + 16 * v)));
-          break;
-      }
+      _mm512_mask_storeu_ps(y + 16 * v, mk[v], _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], y + 16 * v), sums[v]));
     }
   }
 }
 
-template <bool kInt4>
+template <bool kInt4, bool kOffset>
 WQMM_BF16 WQMM_INLINE void DirectRows(int64_t mr, const Tile& t, const Out& o) {
   static_assert(kDirectRows == 2);
-  return mr == 1 ? Block<kInt4, 1, false>(t, o) : Block<kInt4, 2, false>(t, o);
+  return mr == 1 ? Block<kInt4, kOffset, 1, false>(t, o) : Block<kInt4, kOffset, 2, false>(t, o);
 }
 
 template <bool kInt4>
 WQMM_BF16 WQMM_INLINE void BuiltRows(int64_t mr, const Tile& t, const Out& o) {
   static_assert(kBuiltRows == 4);
-  switch (mr) {
-    case 1: return Block<kInt4, 1, true>(t, o);
-    case 2: return Block<kInt4, 2, true>(t, o);
-    case 3: return Block<kInt4, 3, true>(t, o);
-    default: return Block<kInt4, 4, true>(t, o);
+  switch (mr) {  // built pairs are dequantized already: the offset flag does not matter
+    case 1: return Block<kInt4, false, 1, true>(t, o);
+    case 2: return Block<kInt4, false, 2, true>(t, o);
+    case 3: return Block<kInt4, false, 3, true>(t, o);
+    default: return Block<kInt4, false, 4, true>(t, o);
   }
 }
 
@@ -238,9 +235,9 @@ WQMM_BF16 WQMM_INLINE void BuiltRows(int64_t mr, const Tile& t, const Out& o) {
 // of x the panel's pairs are built first, two rows of W at a time (two sequential read
 // streams), into buf, and every block of x rows reads them from there (L2); with few, each
 // tile converts its codes as it goes.
-template <bool kInt4>
-WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t rows, Mode mode,
-                     const Group& g, float* raw, float* y, __m512i* buf /* null: direct */) {
+template <bool kInt4, bool kOffset>
+WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t rows, const Group& g,
+                     float* y, __m512i* buf /* null: direct */) {
   const int64_t stride = kInt4 ? p.n / 2 : p.n, kpairs = (p.k + 1) / 2;
   const int64_t tiles = (p.n + kTile - 1) / kTile, pairs = (rows + 1) / 2;
   const uint8_t* w0 = p.x2 + r0 * stride;
@@ -250,7 +247,8 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
     const uint8_t* b = 2 * kp + 1 < rows ? a + stride : a;  // an odd last row pairs with itself
     for (int64_t jt = 0; jt < tiles; ++jt) {
       const int64_t j = jt * kTile, at = kInt4 ? j / 2 : j;
-      PairCodes<kInt4>(a + at, b + at, std::min(kTile, p.n - j), buf + kVectors * (kp * tiles + jt));
+      PairCodes<kInt4, kOffset>(a + at, b + at, std::min(kTile, p.n - j), g.sl + kTile * jt,
+                                kOffset ? g.ol + kTile * jt : nullptr, buf + kVectors * (kp * tiles + jt));
     }
   }
   // Direct panels read their rows side by side: the same columns of the next panel's rows are
@@ -262,56 +260,50 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
       _mm_prefetch(reinterpret_cast<const char*>(w0 + (rows + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
     }
     const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
-                 build ? buf + kVectors * jt : nullptr, kVectors * tiles, xp + r0 / 2, kpairs};
+                 build ? buf + kVectors * jt : nullptr, kVectors * tiles, xp + r0 / 2, kpairs,
+                 g.sl + kTile * jt, kOffset ? g.ol + kTile * jt : nullptr};
     const int64_t block = build ? kBuiltRows : kDirectRows;
     for (int64_t r = 0; r < p.m; r += block) {
       Tile tr = t;
       tr.xp = t.xp + r * kpairs;
-      const Out o{mode, &g, raw, y, p.n, r, j};
+      const Out o{y, p.n, r, j};
       const int64_t mr = std::min<int64_t>(block, p.m - r);
       if (build) BuiltRows<kInt4>(mr, tr, o);
-      else DirectRows<kInt4>(mr, tr, o);
+      else DirectRows<kInt4, kOffset>(mr, tr, o);
     }
   }
 }
 
-template <bool kInt4>
+template <bool kInt4, bool kOffset>
 WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
-  const int64_t m = p.m, n = p.n;
+  const int64_t m = p.m, n = p.n, tiles = (n + kTile - 1) / kTile;
   std::fill(y, y + m * n, 0.0f);
   const int64_t span = p.group_size ? p.group_size : k1 - k0;
   const bool direct = m <= kDirectRows;
   const int64_t panel = direct ? kDirectPanel : BuiltPanel(n);
-  std::vector<float> raw(span > panel ? m * n : 0), xs(m);
   struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
-  std::vector<Vector> built(direct ? 0 : (panel + 1) / 2 * kVectors * ((n + kTile - 1) / kTile));
+  std::vector<Vector> built(direct ? 0 : (panel + 1) / 2 * kVectors * tiles);
   auto* buf = direct ? nullptr : reinterpret_cast<__m512i*>(built.data());
+  std::vector<Vector> lanes(2 * tiles * kTile / 16);  // the group's scale, then offset, in lane order
+  float* sl = reinterpret_cast<float*>(lanes.data());
+  float* ol = sl + tiles * kTile;
   const auto* scale = static_cast<const uint16_t*>(p.scale);
   const auto* offset = static_cast<const uint16_t*>(p.offset);
-  const auto* x1 = static_cast<const uint16_t*>(p.x1);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span), row = p.group_size ? g0 / p.group_size * n : 0;
-    Group g;
-    if (p.per_tensor()) {
-      g.s0 = Bf16ToF32(scale[0]);
-      g.o0 = offset ? Bf16ToF32(offset[0]) : 0.0f;
-    } else {
-      g.scale = scale + row;
-      g.offset = offset ? offset + row : nullptr;
-    }
-    if (offset) {
-      for (int64_t r = 0; r < m; ++r) {
-        float sum = 0.0f;
-        for (int64_t kk = g0; kk < g1; ++kk) sum += Bf16ToF32(x1[r * p.k + kk]);
-        xs[r] = sum;
+    for (int64_t jt = 0; jt < tiles; ++jt) {
+      for (int v = 0; v < kVectors; ++v) {
+        for (int l = 0; l < 16; ++l) {
+          const int64_t c = std::min(n - 1, jt * kTile + LaneColumn(kInt4, v, l));
+          const int64_t i = p.per_tensor() ? 0 : row + c;
+          sl[jt * kTile + 16 * v + l] = Bf16ToF32(scale[i]);
+          ol[jt * kTile + 16 * v + l] = kOffset ? Bf16ToF32(offset[i]) : 0.0f;
+        }
       }
-      g.xs = xs.data();
     }
+    const Group g{sl, ol};
     for (int64_t r0 = g0; r0 < g1; r0 += panel) {
-      const int64_t rows = std::min(panel, g1 - r0);
-      const bool first = r0 == g0, last = r0 + rows == g1;
-      const Mode mode = first && last ? Mode::kFold : first ? Mode::kStore : last ? Mode::kFoldRaw : Mode::kAdd;
-      Panel<kInt4>(p, xp, r0, rows, mode, g, raw.data(), y, buf);
+      Panel<kInt4, kOffset>(p, xp, r0, std::min(panel, g1 - r0), g, y, buf);
     }
   }
 }
@@ -319,8 +311,13 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
 }  // namespace
 
 void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
-  if (p.int4) Decode<true>(p, xp, y, k0, k1);
-  else Decode<false>(p, xp, y, k0, k1);
+  if (p.int4) {
+    if (p.offset) Decode<true, true>(p, xp, y, k0, k1);
+    else Decode<true, false>(p, xp, y, k0, k1);
+  } else {
+    if (p.offset) Decode<false, true>(p, xp, y, k0, k1);
+    else Decode<false, false>(p, xp, y, k0, k1);
+  }
 }
 
 #else

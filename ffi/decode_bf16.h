@@ -1,7 +1,8 @@
 // The decode kernel for bf16 activations on CPUs with AVX-512 BF16: y = x1 @ W over a k
-// slice, W in ND storage (int8, or packed int4 with an even n). The integer codes go straight
-// from memory into bf16 pairs along k (exact: |code| <= 128), and so do the bf16 activations,
-// so one vdpbf16ps does two k of sixteen columns; scale and offset are applied once per group.
+// slice, W in ND storage (int8, or packed int4 with an even n). The integer codes are
+// dequantized as the Ascend kernel rounds them (numerics.h: float32 math, one round to bf16,
+// vcvtne2ps2bf16) straight into bf16 pairs along k, and so are the bf16 activations, so one
+// vdpbf16ps does two k of sixteen columns with float32 accumulation.
 #ifndef JAX_WQMM_DECODE_BF16_H_
 #define JAX_WQMM_DECODE_BF16_H_
 

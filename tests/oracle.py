@@ -172,3 +172,32 @@ def wqmm_grads(rank: dict, cot: np.ndarray, group_size=0, weight_dtype="int8", a
     if off is not None:
         out["offset"] = reduce_expanded(dw * f(s_e), off.shape, group_size)
     return out
+
+
+# ------------------------------------------------------------------ the kernel's rounding
+# The Atlas A2 kernel (cann ops-nn weight_quant_batch_matmul_v2 custom kernels, as used by the
+# MC2 op; ops-transformer matmul_all_reduce_add_x3.h), written with NumPy's own float16 and
+# ml_dtypes' bfloat16 conversions (round to nearest even).
+
+ACT_NP = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def kernel_dequantize(values: np.ndarray, scale: np.ndarray, offset, act: str) -> np.ndarray:
+    """(k, n) weight in ``act`` from exact code values and (k, n)-expanded scale / offset:
+    float16: f16(f16(q + o) * s); bfloat16: bf16((q + o) * s) in float32."""
+    q = np.asarray(values, np.float32)
+    s = np.asarray(scale).astype(np.float32)
+    o = np.float32(0) if offset is None else np.asarray(offset).astype(np.float32)
+    if act == "float16":
+        return ((q + o).astype(np.float16).astype(np.float32) * s).astype(np.float16)
+    return ((q + o) * s).astype(ml_dtypes.bfloat16)
+
+
+def kernel_epilogue(acc: np.ndarray, bias, x3, act: str) -> np.ndarray:
+    """out(acc + bias), then out(that + x3): the float32 matmul sum to the output."""
+    dt = ACT_NP[act]
+    acc = np.asarray(acc, np.float32)
+    y = (acc if bias is None else acc + np.asarray(bias).astype(np.float32)).astype(dt)
+    if x3 is not None:
+        y = (y.astype(np.float32) + np.asarray(x3).astype(np.float32)).astype(dt)
+    return y

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../cann_abi.h"
+#include "../numerics.h"
 
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -89,45 +90,10 @@ uint32_t Float2Bits(float f) {
   return b;
 }
 
-float Half2Float(uint16_t h) {
-  uint32_t s = (h >> 15) & 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-  float v;
-  if (e == 0) v = std::ldexp(static_cast<float>(m), -24);
-  else if (e == 31) v = m ? NAN : INFINITY;
-  else v = std::ldexp(static_cast<float>(m | 0x400), static_cast<int>(e) - 25);
-  return s ? -v : v;
-}
-
-uint16_t Float2Half(float f) {  // round to nearest even
-  uint32_t x = Float2Bits(f);
-  uint32_t sign = (x >> 16) & 0x8000;
-  float a = std::fabs(f);
-  if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7e00);
-  if (a >= 65520.0f) return static_cast<uint16_t>(sign | 0x7c00);
-  if (a < std::ldexp(1.0f, -14)) {  // subnormal: multiples of 2^-24
-    float q = std::nearbyint(std::ldexp(a, 24));
-    return static_cast<uint16_t>(sign | static_cast<uint32_t>(q));
-  }
-  int e;
-  float mant = std::frexp(a, &e);  // a = mant * 2^e, mant in [0.5, 1)
-  float q = std::nearbyint(std::ldexp(mant, 11));  // 11 significant bits
-  if (q >= 2048.0f) {
-    q /= 2;
-    e += 1;
-  }
-  uint32_t exp = static_cast<uint32_t>(e - 1 + 15);
-  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00);
-  return static_cast<uint16_t>(sign | (exp << 10) | (static_cast<uint32_t>(q) & 0x3ff));
-}
-
-float Bf162Float(uint16_t b) { return Bits2Float(static_cast<uint32_t>(b) << 16); }
-
-uint16_t Float2Bf16(float f) {
-  uint32_t x = Float2Bits(f);
-  if (std::isnan(f)) return static_cast<uint16_t>((x >> 16) | 0x40);
-  uint32_t rounding = 0x7fff + ((x >> 16) & 1);
-  return static_cast<uint16_t>((x + rounding) >> 16);
-}
+using jax_wqmm::Bf16ToF32;
+using jax_wqmm::F16ToF32;
+using jax_wqmm::F32ToBf16;
+using jax_wqmm::F32ToF16;
 
 float Fp8E4M3FN(uint8_t c) {
   int s = c >> 7, e = (c >> 3) & 0xf, m = c & 7;
@@ -168,8 +134,8 @@ float HiFloat8(uint8_t c) {
 // Element ``i`` of the tensor's storage (its view's strides applied by the caller).
 float ReadFloat(const aclTensor* t, int64_t i) {
   switch (t->dtype) {
-    case ACL_FLOAT16: return Half2Float(static_cast<const uint16_t*>(t->data)[i]);
-    case ACL_BF16: return Bf162Float(static_cast<const uint16_t*>(t->data)[i]);
+    case ACL_FLOAT16: return F16ToF32(static_cast<const uint16_t*>(t->data)[i]);
+    case ACL_BF16: return Bf16ToF32(static_cast<const uint16_t*>(t->data)[i]);
     case ACL_FLOAT: return static_cast<const float*>(t->data)[i];
     default: return NAN;
   }
@@ -192,16 +158,16 @@ float ReadWeight(const aclTensor* t, int64_t i) {
 
 float RoundTo(aclDataType dt, float v) {
   switch (dt) {
-    case ACL_FLOAT16: return Half2Float(Float2Half(v));
-    case ACL_BF16: return Bf162Float(Float2Bf16(v));
+    case ACL_FLOAT16: return F16ToF32(F32ToF16(v));
+    case ACL_BF16: return Bf16ToF32(F32ToBf16(v));
     default: return v;
   }
 }
 
 void WriteFloat(aclTensor* t, int64_t i, float v) {
   switch (t->dtype) {
-    case ACL_FLOAT16: static_cast<uint16_t*>(t->data)[i] = Float2Half(v); break;
-    case ACL_BF16: static_cast<uint16_t*>(t->data)[i] = Float2Bf16(v); break;
+    case ACL_FLOAT16: static_cast<uint16_t*>(t->data)[i] = F32ToF16(v); break;
+    case ACL_BF16: static_cast<uint16_t*>(t->data)[i] = F32ToBf16(v); break;
     case ACL_FLOAT: static_cast<float*>(t->data)[i] = v; break;
     default: break;
   }
@@ -745,13 +711,16 @@ EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduce(void* workspace, uint64_t
     if (gs) return (i / gs) * sc.strides[0] + j * sc.strides[1];
     return j * sc.strides.back();
   };
+  // The kernel's rounding (numerics.h): W dequantized in the activation dtype, float32
+  // accumulation (here in double, then one float32 rounding: a sum order of its own), bias in
+  // the accumulator, one rounding to the output dtype, then x3 added and rounded again.
+  const bool f16 = x1.dtype == ACL_FLOAT16;
   std::vector<float> w(static_cast<size_t>(k * n));
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       int64_t p = qparam(i, j);
       float q = ReadWeight(&x2, WeightIndex(x2, i, j));
-      if (e->has_offset) q += ReadFloat(&e->offset, p);
-      w[i * n + j] = q * ReadFloat(&sc, p);
+      w[i * n + j] = jax_wqmm::Dequant(f16, q, e->has_offset ? ReadFloat(&e->offset, p) : 0.0f, ReadFloat(&sc, p));
     }
   }
   std::vector<float> y(static_cast<size_t>(m * n));
@@ -759,9 +728,9 @@ EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduce(void* workspace, uint64_t
     for (int64_t j = 0; j < n; ++j) {
       double acc = 0;
       for (int64_t i = 0; i < k; ++i) acc += double(ReadFloat(&x1, r * k + i)) * w[i * n + j];
-      if (e->has_bias) acc += ReadFloat(&e->bias, j);
-      if (e->has_x3) acc += ReadFloat(&e->x3, r * n + j);
-      y[r * n + j] = RoundTo(e->out.dtype, static_cast<float>(acc));
+      y[r * n + j] = jax_wqmm::OutputElement(
+          f16, static_cast<float>(acc), e->has_bias, e->has_bias ? ReadFloat(&e->bias, j) : 0.0f,
+          e->has_x3, e->has_x3 ? ReadFloat(&e->x3, r * n + j) : 0.0f);
     }
   }
   aclnnStatus st = AllReduce(*group, rank, e->out.dtype, &y);

@@ -139,13 +139,20 @@ def hifloat8_decode_table() -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _hifloat8_encode_tables():
+def _hifloat8_encode_tables(saturate: bool):
     table = hifloat8_decode_table().astype(np.float64)
-    codes = np.array([c for c in range(128) if np.isfinite(table[c])], dtype=np.uint8)
-    values = table[codes]
+    codes = [c for c in range(128) if np.isfinite(table[c])]
+    values = [table[c] for c in codes]
+    if not saturate:
+        # The infinity code sits where e = 15 with mantissa 1 would be (1.5 * 2^15): what
+        # rounds past the largest finite value's half ulp (40960) is infinite, as CANN's GE
+        # encoder and en-dtypes do.
+        codes.append(0x6F)
+        values.append(1.5 * HIFLOAT8_MAX)
     order = np.argsort(values)
-    values, codes = values[order], codes[order]
-    # nearest by value; ties go to the larger magnitude (round half away from zero)
+    values, codes = np.asarray(values)[order], np.asarray(codes, np.uint8)[order]
+    # nearest by value; ties go to the larger magnitude (round half away from zero). Every
+    # midpoint is exact in float32, so comparing float32 magnitudes against them is exact.
     mids = (values[:-1] + values[1:]) / 2
     return mids.astype(np.float32), codes
 
@@ -158,11 +165,14 @@ def hifloat8_to_float32(x):
     return xp.take(xp.asarray(hifloat8_decode_table()), x.astype(xp.int32))
 
 
-def float_to_hifloat8(x):
-    """Encodes floats as HiFloat8 codes (uint8): round to nearest, ties away from zero,
-    saturating at +-HIFLOAT8_MAX; NaN -> 0x80. Traceable."""
+def float_to_hifloat8(x, *, saturate: bool = False):
+    """Encodes float16 / bfloat16 / float32 values as HiFloat8 codes (uint8), as CANN's GE
+    encoder does: round to nearest, ties away from zero; |x| >= 40960 and +-inf give the
+    infinity codes 0x6F / 0xEF; NaN gives 0x80; -0.0 gives 0x00. ``saturate=True`` maps what
+    would be infinite to +-HIFLOAT8_MAX (0x6E / 0xEE) instead. float64 input is rounded to
+    float32 first. Traceable."""
     xp = _xp(x)
-    mids, codes = _hifloat8_encode_tables()
+    mids, codes = _hifloat8_encode_tables(bool(saturate))
     x = x.astype(xp.float32)
     mag = xp.abs(x)
     idx = xp.searchsorted(xp.asarray(mids), mag, side="right")

@@ -157,14 +157,17 @@ def _jvp_rule(primals, tangents, *, spec: WqmmSpec):
         lin_spec = dataclasses.replace(spec, bias_dtype=spec.bias_dtype if tb is not None else None,
                                        x3_dtype=spec.x3_dtype if tx3 is not None else None)
         terms.append(bind(lin_spec, tx1, x2, scale, offset, tb, tx3))
-    # Through the weight: x1 @ d[(x2 + offset) * scale], then the same all-reduce (plain jnp).
+    # Through the weight: x1 @ d[(x2 + offset) * scale], then the same all-reduce (plain jnp;
+    # float32 and linear in the tangents: the kernel's roundings differentiate as identities).
     if not (_is_zero(dscale) and _is_zero(doffset)):
+        f32 = jnp.float32
         dw = 0.0
         if not _is_zero(dscale):  # (x2 + offset) * dscale
-            dw = reference.dequantize(x2, dscale, offset, spec)
+            dw = reference.dequantize(x2, dscale, offset, spec, dtype=f32)
         if not _is_zero(doffset):
-            dw = dw + reference.expand_quant_param(doffset, spec) * reference.expand_quant_param(scale, spec)
-        terms.append(reference.all_reduce(reference.matmul_f32(x1, dw).astype(spec.out_dtype), spec))
+            dw = dw + (reference.expand_quant_param(doffset, spec).astype(f32)
+                       * reference.expand_quant_param(scale, spec).astype(f32))
+        terms.append(reference.all_reduce(reference.matmul_f32(x1.astype(f32), dw).astype(spec.out_dtype), spec))
     if not terms:
         return out, ad.Zero.from_primal_value(out)
     tangent = terms[0]

@@ -1,11 +1,26 @@
 """The operator's math in plain jnp: the oracle for native paths and the portable lowering.
 
+It rounds as the Atlas A2 kernel does (the numeric contract; ``ffi/numerics.h`` writes the same
+rule in C++ for the CPU kernels and the emulator):
+
+- dequantize, float16 x1: ``w = f16(f16(q + offset) * scale)`` (two half roundings);
+- dequantize, bfloat16 x1: ``w = bf16((q + offset) * scale)`` in float32 (one rounding);
+  q is the code's exact value; FP8 / HiFloat8 weights take no offset;
+- matmul: float32 accumulation with the bias, one rounding to the output dtype;
+- x3: added after that rounding, then rounded again; the all-reduce sums in the output dtype.
+
+Every rounding is explicit, on the bits of float32 values (round to nearest even, float16
+subnormals and overflow included; :func:`round_to`), so no XLA rewrite of float16 / bfloat16
+arithmetic (excess precision) can drop one.
+
 Every function takes a validated :class:`~jax_wqmm.spec.WqmmSpec`; none re-checks a rule.
 :func:`weight_quant_matmul_all_reduce_reference` is the same call as the public API, usable on
 its own (it validates, then runs :func:`apply` without the primitive).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +33,7 @@ __all__ = [
     "weight_matrix",
     "expand_quant_param",
     "dequantize",
+    "round_to",
     "matmul_f32",
     "add_bias_x3",
     "local_matmul",
@@ -50,14 +66,58 @@ def expand_quant_param(p: jax.Array, spec: WqmmSpec) -> jax.Array:
     return jnp.repeat(p, spec.group_size, axis=0, total_repeat_length=spec.num_groups * spec.group_size)[: spec.k]
 
 
+def _u32(x):
+    return lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _f32(u):
+    return lax.bitcast_convert_type(u, jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """float32 ``x`` rounded to ``dtype`` (float16 / bfloat16: nearest even, float16 subnormals,
+    overflow to inf, NaN kept), kept in float32; float32 stays as it is. The same bit
+    arithmetic as ``RoundF16`` / ``RoundBf16`` in ffi/numerics.h. Differentiates as the
+    identity (as a cast does)."""
+    name = jnp.dtype(dtype).name
+    x = x.astype(jnp.float32)
+    u = _u32(x)
+    a = u & jnp.uint32(0x7FFFFFFF)
+    nan = a > jnp.uint32(0x7F800000)
+    if name == "bfloat16":
+        r = (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+        return jnp.where(nan, x, _f32(r))
+    if name != "float16":
+        return x
+    normal = _f32((a + jnp.uint32(0xFFF) + ((a >> 13) & jnp.uint32(1))) & jnp.uint32(0xFFFFE000))
+    # below 2^-14 the quantum is 2^-24: scale (exactly), round half to even, scale back
+    tiny = lax.round(_f32(a) * 2.0**24, lax.RoundingMethod.TO_NEAREST_EVEN) * 2.0**-24
+    r = jnp.where(a < jnp.uint32(0x38800000), tiny, normal)
+    r = jnp.where(a >= jnp.uint32(0x477FF000), jnp.float32(jnp.inf), r)
+    r = jnp.where(nan, _f32(a), r)
+    return _f32(_u32(r) | (u & jnp.uint32(0x80000000)))
+
+
+@round_to.defjvp
+def _round_to_jvp(dtype, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return round_to(x, dtype), t.astype(jnp.float32)
+
+
 def dequantize(x2, scale, offset, spec: WqmmSpec, dtype=None) -> jax.Array:
-    """(k, n) weight ``(x2 + offset) * scale``, computed in ``dtype`` (default: x1's dtype,
-    as the operator does)."""
-    dtype = jnp.dtype(dtype or spec.act_dtype)
-    w = weight_matrix(x2, spec).astype(dtype)
-    if offset is not None:
-        w = w + expand_quant_param(offset, spec).astype(dtype)
-    return w * expand_quant_param(scale, spec).astype(dtype)
+    """(k, n) weight ``(x2 + offset) * scale`` rounded as the kernel does for x1's dtype (module
+    docstring), in x1's dtype; ``dtype=jnp.float32``: the exact value, unrounded."""
+    q = weight_matrix(x2, spec)
+    s = expand_quant_param(scale, spec).astype(jnp.float32)
+    o = None if offset is None else expand_quant_param(offset, spec).astype(jnp.float32)
+    if dtype is not None and jnp.dtype(dtype) == jnp.float32:
+        return (q if o is None else q + o) * s
+    if spec.act_dtype == "float16":
+        w = round_to(round_to(q if o is None else q + o, "float16") * s, "float16")
+    else:
+        w = round_to((q if o is None else q + o) * s, spec.act_dtype)
+    return w.astype(dtype or spec.act_dtype)
 
 
 def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -67,12 +127,14 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def add_bias_x3(acc: jax.Array, bias, x3, spec: WqmmSpec) -> jax.Array:
-    """``acc + bias + x3`` (float32, either may be None) in the output dtype."""
+    """The kernel's epilogue on the float32 matmul ``acc``: ``out(acc + bias)``, then
+    ``out(that + x3)`` (either may be None), in the output dtype."""
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
+    y = round_to(acc, spec.out_dtype)
     if x3 is not None:
-        acc = acc + x3.astype(jnp.float32)
-    return acc.astype(spec.out_dtype)
+        y = round_to(y + x3.astype(jnp.float32), spec.out_dtype)
+    return y.astype(spec.out_dtype)
 
 
 def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:

@@ -1,0 +1,202 @@
+"""Every path rounds as the Ascend kernel does (the numeric contract, README "Numerics").
+
+- The dequantized weight each lowering uses, extracted with x1 = rows of the identity, is
+  bit-identical to the kernel's rule (oracle.kernel_dequantize) for every weight dtype x
+  granularity x offset x float16 / bfloat16, ND, transposed and FRACTAL_NZ storage: the jnp
+  reference, the CPU kernels (fused small-m, both decode paths, and the large-m dequantize
+  path; every instruction-set copy in a subprocess) and the emulator of CANN.
+- With inputs whose float32 accumulation is exact, the output with bias and x3 is
+  bit-identical to the kernel's epilogue (round after bias, add x3, round again) at tp = 1.
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_wqmm as wq
+import jax_wqmm.testing as wqt
+import oracle
+from cases import C0, make_case, store
+
+LOWERINGS = ("reference", "cpu", "emulator")
+
+
+@pytest.fixture(scope="module")
+def one_device_group():
+    """A one-device mesh with an (emulated) HCCL group, for the emulator at tp = 1."""
+    emu = wqt.use_emulator()
+    mesh = jax.make_mesh((1,), ("one",), devices=jax.devices()[:1])
+    wqt.create_groups(mesh, "one")
+    wqt.use_default()
+    yield mesh, emu
+    wqt.destroy_groups()
+    wqt.use_default()
+
+
+def _call(lowering, args, kwargs, mesh, emu, soc):
+    """The op over ``args`` (x1, x2, scale, offset, bias, x3; None where absent) lowered by
+    ``lowering``, as a float64 array."""
+    present = [a is not None for a in args]
+    arrays = [jnp.asarray(a) for a in args if a is not None]
+
+    def f(*a):
+        it = iter(a)
+        full = [next(it) if p else None for p in present]
+        return wq.weight_quant_matmul_all_reduce(*full, axis_name="one" if lowering == "emulator" else None, **kwargs)
+
+    if lowering == "reference":
+        wqt.use_reference()
+    elif lowering == "emulator":
+        wqt.use_emulator()
+    try:
+        if lowering == "emulator":
+            with emu.emulating(soc):
+                g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P()))
+                return np.asarray(g(*arrays))
+        return np.asarray(jax.jit(f)(*arrays))
+    finally:
+        wqt.use_default()
+
+
+def _cases():
+    for wd, gran, off, act, layout in itertools.product(
+            ("int8", "int4", "float8_e4m3fn", "hifloat8"), ("per_tensor", "per_channel", "per_group"),
+            (False, True), ("bfloat16", "float16"), ("ND", "T", "NZ")):
+        fp8 = wd in ("float8_e4m3fn", "hifloat8")
+        if fp8 and (gran != "per_channel" or off or layout == "NZ"):
+            continue
+        if layout == "NZ" and gran != "per_channel":
+            continue
+        yield pytest.param(wd, gran, off, act, layout, id=f"{wd}-{gran}-{'off' if off else 'sym'}-{act}-{layout}")
+
+
+def _weight_case(wd, gran, off, act, layout, k=64, n=48):
+    rng = np.random.default_rng(zlib.crc32(repr((wd, gran, off, act, layout)).encode()))
+    case = make_case(rng, weight_dtype=wd, granularity=gran, offset=off, lead=(1,), k=k, n=n,
+                     transpose=layout == "T", fmt="FRACTAL_NZ" if layout == "NZ" else "ND",
+                     act=act, group_size=32)
+    if off:  # offsets that are not integers: (q + o) itself rounds in float16
+        o = case.oracle["offset"]
+        o = (o.astype(np.float32) + rng.uniform(-1, 1, o.shape)).astype(o.dtype)
+        case.oracle["offset"] = o
+        case.args = case.args[:3] + (o,) + case.args[4:]
+    o = case.oracle
+    values = oracle.decode(o["codes"], wd)
+    expand = lambda p: None if p is None else oracle.expand(np.asarray(p, np.float64), k, n, case.group_size)
+    want = oracle.kernel_dequantize(values, expand(o["scale"]), expand(o["offset"]), act)
+    return case, want
+
+
+def _bits(a, act):
+    return np.asarray(a).astype(oracle.ACT_NP[act]).view(np.uint16)
+
+
+@pytest.mark.parametrize("wd,gran,off,act,layout", list(_cases()))
+def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off, act, layout):
+    mesh, emu = one_device_group
+    case, want = _weight_case(wd, gran, off, act, layout)
+    k = want.shape[0]
+    eye = np.eye(k).astype(oracle.ACT_NP[act])
+    soc = "Ascend950PR" if wd in ("float8_e4m3fn", "hifloat8") else "Ascend910B4"
+    # the rows each path sees: all k (the CPU's large-m dequantize path), 16 (the fused
+    # kernel's built panels), 2 and 1 (its direct decode)
+    for rows in (slice(0, k), slice(16, 32), slice(5, 7), slice(63, 64)):
+        args = (eye[rows],) + case.args[1:]
+        for lowering in LOWERINGS if rows.start == 0 else ("cpu",):
+            got = _call(lowering, args, case.kwargs, mesh, emu, soc)
+            np.testing.assert_array_equal(_bits(got, act), _bits(want[rows], act),
+                                          err_msg=f"{lowering}, rows {rows}")
+
+
+def test_the_rule_is_not_single_rounding():
+    """The float16 rule rounds q + o first: a single rounding of (q + o) * s differs."""
+    _, want = _weight_case("int8", "per_channel", True, "float16", "ND")
+    case, _ = _weight_case("int8", "per_channel", True, "float16", "ND")
+    o = case.oracle
+    exact = (oracle.decode(o["codes"], "int8") + o["offset"].astype(np.float64)) * o["scale"].astype(np.float64)
+    assert np.mean(_bits(exact.astype(np.float16), "float16") != _bits(want, "float16")) > 0.05
+
+
+def _exact_case(rng, m, k, n, act, wd, off, bias, x3):
+    """Integer codes, power-of-two scales, integer offsets and small-integer activations: the
+    float32 matmul sum is exact; bias and x3 are arbitrary."""
+    dt = oracle.ACT_NP[act]
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    scale = (2.0 ** rng.integers(-4, -1, (n,))).astype(dt)
+    offset = rng.integers(-3, 4, (n,)).astype(dt) if off else None
+    x1 = rng.integers(-3, 4, (m, k)).astype(dt)
+    b = rng.standard_normal(n).astype(dt) if bias else None
+    x = (rng.standard_normal((m, n)) * 4).astype(dt) if x3 else None
+    w = (codes.astype(np.float64) + (0 if offset is None else offset.astype(np.float64))) * scale.astype(np.float64)
+    acc = x1.astype(np.float64) @ w
+    assert np.all(acc.astype(np.float32) == acc)  # exact in float32
+    x2 = codes if wd == "int8" else codes.astype(ml_dtypes.int4)
+    return (x1, x2, scale, offset, b, x), oracle.kernel_epilogue(acc, b, x, act)
+
+
+@pytest.mark.parametrize("act", ["bfloat16", "float16"])
+@pytest.mark.parametrize("wd", ["int8", "int4"])
+@pytest.mark.parametrize("off,bias,x3", [(False, True, True), (True, True, False), (True, False, True)])
+def test_exact_sums_with_bias_and_x3_are_the_kernels_rounding(one_device_group, act, wd, off, bias, x3):
+    mesh, emu = one_device_group
+    rng = np.random.default_rng(zlib.crc32(repr((act, wd, off, bias, x3)).encode()))
+    for m in (1, 2, 16, 40):
+        args, want = _exact_case(rng, m, 64, 48, act, wd, off, bias, x3)
+        for lowering in LOWERINGS:
+            got = _call(lowering, args, {}, mesh, emu, "Ascend910B4")
+            np.testing.assert_array_equal(_bits(got, act), _bits(want, act), err_msg=f"{lowering}, m={m}")
+
+
+def test_exact_sums_tell_the_two_roundings_apart():
+    """x3 after the matmul's rounding differs from one rounding of the whole sum."""
+    rng = np.random.default_rng(5)
+    args, want = _exact_case(rng, 40, 64, 48, "bfloat16", "int8", False, True, True)
+    x1, x2, s, _, b, x3 = args
+    acc = x1.astype(np.float64) @ (x2.astype(np.float64) * s.astype(np.float64))
+    once = (acc + b.astype(np.float64) + x3.astype(np.float64)).astype(np.float32).astype(ml_dtypes.bfloat16)
+    assert np.mean(_bits(once, "bfloat16") != _bits(want, "bfloat16")) > 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_every_instruction_set_copy_rounds_as_the_kernel(isa):
+    code = textwrap.dedent("""
+        import sys, numpy as np
+        sys.path.insert(0, sys.argv[1])
+        import conftest, jax, jax.numpy as jnp, jax_wqmm as wq, oracle
+        from jax_wqmm import cpu_kernel
+        import test_kernel_numerics as t
+        print("isa", cpu_kernel.isa())
+        for wd, gran, off, act, layout in [("int8", "per_channel", True, "float16", "ND"),
+                                           ("int4", "per_group", True, "bfloat16", "ND"),
+                                           ("int4", "per_tensor", False, "float16", "T"),
+                                           ("int8", "per_group", True, "bfloat16", "T")]:
+            case, want = t._weight_case(wd, gran, off, act, layout)
+            eye = np.eye(want.shape[0]).astype(oracle.ACT_NP[act])
+            for rows in (slice(0, 64), slice(16, 32), slice(5, 7), slice(63, 64)):
+                got = wq.weight_quant_matmul_all_reduce(jnp.asarray(eye[rows]), *map(jnp.asarray, [a for a in case.args[1:4] if a is not None]), **case.kwargs) if case.args[3] is not None else \\
+                      wq.weight_quant_matmul_all_reduce(jnp.asarray(eye[rows]), *map(jnp.asarray, case.args[1:3]), **case.kwargs)
+                np.testing.assert_array_equal(t._bits(got, act), t._bits(want[rows], act))
+        rng = np.random.default_rng(0)
+        for act in ("bfloat16", "float16"):
+            for m in (1, 2, 16, 40):
+                args, want = t._exact_case(rng, m, 64, 48, act, "int4", True, True, True)
+                got = wq.weight_quant_matmul_all_reduce(*map(jnp.asarray, args))
+                np.testing.assert_array_equal(t._bits(got, act), t._bits(want, act))
+        print("ok")
+    """)
+    tests = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_WQMM_CPU_ISA=isa, JAX_PLATFORMS="cpu"), cwd=tests)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("ok")

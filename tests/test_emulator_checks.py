@@ -16,7 +16,10 @@ import pytest
 
 import jax_wqmm as wq
 import jax_wqmm.testing as wqt
+from jax.sharding import PartitionSpec as P
+
 from jax_wqmm import native
+from cases import make_case
 from emu_direct import NZ, Direct, T
 
 NULLPTR, INVALID, TILING = 161001, 161002, 561002
@@ -191,53 +194,48 @@ def test_every_row_names_why_jax_never_sends_it():
         assert isinstance(row[5], dict) or row[5].startswith(("structural:", "native lowering:")), row[0]
 
 
-def test_transposed_per_group_scale_reaches_the_kernel_column_major(direct):
+@pytest.fixture
+def one_device():
+    """A one-device mesh with an (emulated) HCCL group over its axis "one"."""
+    mesh = jax.make_mesh((1,), ("one",), devices=jax.devices()[:1])
+    wqt.create_groups(mesh, "one")
+    yield mesh
+    wqt.destroy_groups()
+
+
+def _fused_on(mesh, case):
+    """jit(shard_map(the fused call over axis "one")) and its arguments."""
+    f = jax.jit(jax.shard_map(lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="one", **case.kwargs),
+                              mesh=mesh, in_specs=P(), out_specs=P()))
+    return f, [jnp.asarray(a) for a in case.args if a is not None]
+
+
+def test_transposed_per_group_scale_reaches_the_kernel_column_major(direct, one_device):
     """The lowering asks XLA for the scale and offset in column-major layout (the (G, n) view
     over (n, G) storage), and the handler describes them with strides (1, G)."""
-    from cases import make_case
+    import oracle
 
     case = make_case(np.random.default_rng(7), weight_dtype="int8", granularity="per_group",
                      group_size=32, offset=True, transpose=True, k=64, n=48, lead=(3,))
-    mesh = jax.make_mesh((1,), ("one",), devices=jax.devices()[:1])
-    wqt.create_groups(mesh, "one")
-    try:
-        f = jax.jit(jax.shard_map(lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="one", **case.kwargs),
-                                  mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=jax.sharding.PartitionSpec()))
-        args = [jnp.asarray(a) for a in case.args if a is not None]
-        text = f.lower(*args).as_text()
-        call = [line for line in text.splitlines() if f"@{wqt.HOST_TARGET}" in line][0]
-        assert "operand_layouts = [dense<[1, 0]>" in call and ", dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]>" in call, call
-        import oracle
-        expected, mag = oracle.wqmm([case.oracle], 32, "int8")
-        oracle.assert_close(f(*args), expected, mag, case.act)
-    finally:
-        wqt.destroy_groups()
+    f, args = _fused_on(one_device, case)
+    call = [line for line in f.lower(*args).as_text().splitlines() if f"@{wqt.HOST_TARGET}" in line][0]
+    assert "operand_layouts = [dense<[1, 0]>" in call and ", dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]>" in call, call
+    expected, mag = oracle.wqmm([case.oracle], 32, "int8")
+    oracle.assert_close(f(*args), expected, mag, case.act)
 
 
-def test_a_product_without_a_kernel_is_a_constraint_error_at_lowering(direct):
-    from cases import make_case
-
+def test_a_product_without_a_kernel_is_a_constraint_error_at_lowering(direct, one_device):
     d, emu = direct
-    case = make_case(np.random.default_rng(8), k=64, n=48, lead=(2,))
-    mesh = jax.make_mesh((1,), ("one3",), devices=jax.devices()[:1])
-    wqt.create_groups(mesh, "one3")
-    try:
-        f = jax.jit(jax.shard_map(lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="one3", **case.kwargs),
-                                  mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=jax.sharding.PartitionSpec()))
-        args = [jnp.asarray(a) for a in case.args if a is not None]
-        with emu.emulating("Ascend910_9391"):
-            with pytest.raises(wq.ConstraintError, match="Atlas A3 has no kernel of aclnnWeightQuantMatmulAllReduce"):
-                f.lower(*args)
-        with emu.emulating("Ascend950PR"):
-            bad = make_case(np.random.default_rng(9), weight_dtype="int4", granularity="per_group",
-                            group_size=32, k=64, n=48, lead=(2,))
-            g = jax.jit(jax.shard_map(lambda *a: wq.weight_quant_matmul_all_reduce(*a, axis_name="one3", **bad.kwargs),
-                                      mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=jax.sharding.PartitionSpec()))
-            with pytest.raises(wq.ConstraintError, match="n=48: per-group int4 weights need n and k multiples of 64 on Ascend 950"):
-                g.lower(*[jnp.asarray(a) for a in bad.args if a is not None])
-        assert native.npu_product("cpu") == "atlas_a2"  # the emulator's default SoC, Ascend910B4
-    finally:
-        wqt.destroy_groups()
+    f, args = _fused_on(one_device, make_case(np.random.default_rng(8), k=64, n=48, lead=(2,)))
+    with emu.emulating("Ascend910_9391"):
+        with pytest.raises(wq.ConstraintError, match="Atlas A3 has no kernel of aclnnWeightQuantMatmulAllReduce"):
+            f.lower(*args)
+    with emu.emulating("Ascend950PR"):
+        g, bad = _fused_on(one_device, make_case(np.random.default_rng(9), weight_dtype="int4", granularity="per_group",
+                                                 group_size=32, k=64, n=48, lead=(2,)))
+        with pytest.raises(wq.ConstraintError, match="n=48: per-group int4 weights need n and k multiples of 64 on Ascend 950"):
+            g.lower(*bad)
+    assert native.npu_product("cpu") == "atlas_a2"  # the emulator's default SoC, Ascend910B4
 
 
 def test_a_group_resolves_only_on_its_devices_current_thread(direct):

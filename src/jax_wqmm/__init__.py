@@ -8,6 +8,7 @@ from .spec import (ConstraintError, PRODUCTS, WqmmSpec, current_target_product, 
                    target_product)
 from .quantize import QuantizedWeight, quantize_weight, dequantize_weight
 from .ops import weight_quant_matmul_all_reduce, quant_matmul
+from .fuse import FuseReport, fuse
 from . import formats, layers, reference
 from .layers import column_parallel_linear, row_parallel_linear
 from .formats import (
@@ -36,6 +37,8 @@ except _native.NativeExtensionError:  # pragma: no cover - an install without th
 __all__ = [
     "weight_quant_matmul_all_reduce",
     "quant_matmul",
+    "fuse",
+    "FuseReport",
     "quantize_weight",
     "dequantize_weight",
     "QuantizedWeight",

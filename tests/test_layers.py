@@ -123,3 +123,45 @@ def test_two_processes_equal_one(tmp_path):
     for i in range(2):
         got = np.load(tmp_path / f"y{i}.npy")
         np.testing.assert_allclose(got, y, rtol=2e-2, atol=2e-2 * np.abs(y).max())
+
+
+# ----------------------------------------------------------------------------- friction a new user met
+
+def test_group_size_that_does_not_divide_the_ranks_k_is_named_early():
+    w = jnp.ones((4096, 64))
+    msg = r"group_size=384: must divide k / tp = 4096 / 8 = 512 \(each rank holds whole groups\)"
+    with pytest.raises(wq.ConstraintError, match=msg):
+        wq.quantize_weight(w, dtype="int4", granularity="per_group", group_size=384, tp=8)
+    qw = wq.quantize_weight(w, dtype="int4", granularity="per_group", group_size=384)
+    with pytest.raises(wq.ConstraintError, match=msg):
+        layers.row_parallel_specs(qw, tp=8)
+    # a group the size of a rank's k breaks the operator's group <= k - 1 rule, with that k
+    with pytest.raises(wq.ConstraintError, match=r"k-1\] with k=512 \(each rank's k = k / tp = 4096 / 8\)"):
+        wq.quantize_weight(w, dtype="int4", granularity="per_group", group_size=512, tp=8)
+    with pytest.raises(wq.ConstraintError, match="n=64 does not split over 3 ranks"):
+        layers.column_parallel_specs(qw, tp=3)
+    assert layers.row_parallel_specs(wq.quantize_weight(w, dtype="int4", granularity="per_group",
+                                                        group_size=128, tp=8), tp=8).data == P("tp", None)
+
+
+def test_row_parallel_linear_outside_shard_map_names_the_axis():
+    qw = wq.quantize_weight(jnp.ones((64, 16)))
+    with pytest.raises(wq.ConstraintError, match="axis_name='model': mesh axis 'model' is not bound here: call row_parallel_linear inside jax.shard_map"):
+        layers.row_parallel_linear(jnp.ones((2, 64), jnp.bfloat16), qw, axis_name="model")
+
+
+def test_layer_errors_name_the_layers_arguments():
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    qw = wq.quantize_weight(jnp.ones((8 * 64, 16)), scale_dtype=jnp.bfloat16)
+    specs = (P(None, "tp"), layers.row_parallel_specs(qw), P())
+    f = jax.shard_map(lambda x, q, r: layers.row_parallel_linear(x, q, residual=r),
+                      mesh=mesh, in_specs=specs, out_specs=P())
+    with pytest.raises(wq.ConstraintError, match=r"^residual='dtype float32': must be x's dtype bfloat16: cast it with .astype\(jnp.bfloat16\)"):
+        jax.jit(f).trace(jnp.ones((2, 8 * 64), jnp.bfloat16), qw, jnp.ones((2, 16), jnp.float32))
+    with pytest.raises(wq.ConstraintError, match=r"^residual='shape \(2, 15\)': must have the output's shape \(2, 16\)"):
+        jax.jit(f).trace(jnp.ones((2, 8 * 64), jnp.bfloat16), qw, jnp.ones((2, 15), jnp.bfloat16))
+
+
+def test_quantize_weight_scale_dtype_must_be_an_activation_dtype():
+    with pytest.raises(wq.ConstraintError, match="scale_dtype='float32': must be float16 or bfloat16"):
+        wq.quantize_weight(jnp.ones((64, 16)), scale_dtype=jnp.float32)

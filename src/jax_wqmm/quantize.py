@@ -17,7 +17,7 @@ import numpy as np
 from . import formats, reference
 from .spec import FP8_LIKE, WEIGHT_DTYPES, ConstraintError, check_group_size, make_spec
 
-__all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight"]
+__all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight", "check_tensor_parallel"]
 
 _INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 # |w| max maps to these. HiFloat8 is tapered: it has 3 mantissa bits only for |x| in
@@ -106,6 +106,7 @@ def quantize_weight(
     group_size: int | None = None,
     symmetric: bool = True,
     scale_dtype=None,
+    tp: int | None = None,
 ) -> QuantizedWeight:
     """Quantizes a float (k, n) weight for the operator.
 
@@ -117,8 +118,11 @@ def quantize_weight(
       group_size: per-group only: a multiple of 32 in [32, k-1] (the operator's rule).
       symmetric: integer encodings only: False adds an offset so that [min, max] uses the
         whole integer range. 8-bit float encodings are always symmetric.
-      scale_dtype: dtype of scale / offset; default w's dtype if float16 / bfloat16, else
-        bfloat16. The operator wants them in the activation dtype (``quant_matmul`` casts).
+      scale_dtype: dtype of scale / offset: float16 or bfloat16 (the operator takes scales in
+        the activation dtype; ``quant_matmul`` casts); default w's dtype if one of them, else
+        bfloat16.
+      tp: optional, the tensor-parallel size the rows (k) will be split over: checks now that
+        each rank's k / tp holds whole groups that the operator accepts (per-group).
 
     Returns:
       A ND, untransposed :class:`QuantizedWeight`; ``with_layout`` gives other layouts.
@@ -143,6 +147,11 @@ def quantize_weight(
         raise ValueError(f"group_size={group_size}: only for granularity='per_group' (got {granularity!r})")
     if scale_dtype is None:
         scale_dtype = w.dtype if w.dtype in (jnp.float16, jnp.bfloat16) else jnp.bfloat16
+    if jnp.dtype(scale_dtype) not in (jnp.float16, jnp.bfloat16):
+        raise ConstraintError("scale_dtype", jnp.dtype(scale_dtype).name,
+                              "must be float16 or bfloat16 (the operator takes scales in x1's dtype)")
+    if tp is not None:
+        check_tensor_parallel((k, n), group_size or 0, tp, "rows")
 
     wf = w.astype(jnp.float32)
     if granularity == "per_tensor":
@@ -188,6 +197,27 @@ def quantize_weight(
         data = jnp.clip(x, -fmax, fmax).astype(jnp.dtype(dtype))
     return QuantizedWeight(data=data, scale=scale, offset=offset, dtype=dtype,
                            group_size=group_size or 0, shape=(int(k), int(n)))
+
+
+def check_tensor_parallel(shape: tuple[int, int], group_size: int, tp: int, split: str = "rows") -> None:
+    """Raises ConstraintError (with the numbers) unless a (k, n) weight's ``split`` ("rows": k,
+    row-parallel; "columns": n) divides over ``tp`` ranks, and, for rows with per-group
+    scales, each rank's k / tp is a whole number of groups the operator accepts."""
+    k, n = shape
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConstraintError("tp", tp, "must be a positive int (the mesh axis size)")
+    dim, name = (k, "k") if split == "rows" else (n, "n")
+    if dim % tp:
+        raise ConstraintError("tp", tp, f"{name}={dim} does not split over {tp} ranks")
+    if split == "rows" and group_size:
+        local = k // tp
+        if local % group_size:
+            raise ConstraintError("group_size", group_size,
+                                  f"must divide k / tp = {k} / {tp} = {local} (each rank holds whole groups)")
+        try:
+            check_group_size(group_size, local, argument="group_size")
+        except ConstraintError as e:
+            raise ConstraintError(e.argument, e.value, f"{e.rule} (each rank's k = k / tp = {k} / {tp})") from None
 
 
 def _round_up(x: jax.Array, dtype) -> jax.Array:

@@ -74,21 +74,21 @@ def _impl(*operands, spec: WqmmSpec):
 
 def register(platform: str = "cpu") -> bool:
     """Makes the CPU kernel the lowering on ``platform``; False if the extension is missing."""
-    from .primitive import wqmm_p
+    from .primitive import register_lowering
 
     try:
         native.register_targets(platform, MATMUL_TARGET, DEQUANTIZE_TARGET)
     except native.NativeExtensionError:
         return False
-    mlir.register_lowering(wqmm_p, mlir.lower_fun(_impl, multiple_results=False), platform=platform)
+    register_lowering(mlir.lower_fun(_impl, multiple_results=False), platform)
     return True
 
 
 def unregister(platform: str = "cpu") -> None:
     """Back to the jnp reference lowering on ``platform``."""
-    from .primitive import reference_lowering, wqmm_p
+    from .primitive import reference_lowering, register_lowering
 
-    mlir.register_lowering(wqmm_p, reference_lowering, platform=platform)
+    register_lowering(reference_lowering, platform)
 
 
 def isa() -> str:

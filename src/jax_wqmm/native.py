@@ -355,11 +355,11 @@ def register_npu_lowering(platform: str | None = None) -> bool:
     happens at the first lowering, which raises :class:`CannLibraryError` if CANN is missing.
     """
     from jax._src import xla_bridge
-    from .primitive import wqmm_p
+    from .primitive import register_lowering
 
     platform = platform or NPU_PLATFORM
     if not xla_bridge.is_known_platform(platform):
         return False
     register_targets(platform, "wqmm_aclnn_device")
-    mlir.register_lowering(wqmm_p, native_lowering("wqmm_aclnn_device", platform), platform=platform)
+    register_lowering(native_lowering("wqmm_aclnn_device", platform), platform)
     return True

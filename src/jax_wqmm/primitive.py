@@ -27,7 +27,8 @@ from jax._src import dispatch as _dispatch
 from . import reference
 from .spec import WqmmSpec, pack_operands, respec, unpack_operands
 
-__all__ = ["wqmm_p", "bind", "vma_of", "reconcile_varying", "unbound_axes", "reference_lowering"]
+__all__ = ["wqmm_p", "bind", "vma_of", "reconcile_varying", "unbound_axes", "reference_lowering",
+           "register_lowering"]
 
 wqmm_p = Primitive("weight_quant_matmul_all_reduce")
 
@@ -73,7 +74,11 @@ def _abstract_eval(*avals, spec: WqmmSpec):
         raise AssertionError(f"x1 aval {x1.shape} does not match its spec {spec.x1_shape}")
     varying = frozenset().union(*(a.mat.varying for a in avals))
     out_mat = x1.mat.update(varying=varying - frozenset(spec.axis_name))
-    out = x1.update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype), manual_axis_type=out_mat)
+    # Sharding in types (Explicit mesh axes): x1's lead dims and x2's n; k is reduced.
+    from .autoshard import output_spec
+    sharding = x1.sharding.update(spec=output_spec(spec, x1.sharding, avals[1].sharding))
+    out = x1.update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype), manual_axis_type=out_mat,
+                    sharding=sharding)
     return out, {_core.NamedAxisEffect(a) for a in spec.axis_name}
 
 
@@ -90,7 +95,22 @@ def _reference_impl(*operands, spec: WqmmSpec):
 #: The jnp reference as a lowering rule: the default on every platform, and the fallback that
 #: the native lowerings use where the fused kernel cannot run.
 reference_lowering = mlir.lower_fun(_reference_impl, multiple_results=False)
-mlir.register_lowering(wqmm_p, reference_lowering)
+
+
+def register_lowering(rule, platform: str | None = None) -> None:
+    """Registers ``rule`` as the op's lowering on ``platform`` (None: every platform), behind
+    the auto-sharding partitioner (jax_wqmm.autoshard): one place for every lowering."""
+    from . import autoshard
+
+    # not cacheable: an auto-sharded lowering needs the module's device assignment, which
+    # jax strips from cached lowerings
+    mlir.register_lowering(wqmm_p, autoshard.partitioned(rule), platform=platform, cacheable=False)
+
+
+register_lowering(reference_lowering)
+# The auto-sharded lowering partitions through custom_partitioning, which needs the devices
+# at lowering time (as jax declares for custom_partitioning itself).
+_dispatch.prim_requires_devices_during_lowering.add(wqmm_p)
 
 
 # ------------------------------------------------------------------------------ batching

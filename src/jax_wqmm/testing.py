@@ -122,7 +122,7 @@ def _emulator(path: str) -> Emulator:
 def use_emulator(platform: str = "cpu") -> Emulator:
     """Loads the emulator as every CANN library and lowers the op on ``platform`` through the
     native handler's host binding. Returns the emulator's test hooks."""
-    from .primitive import wqmm_p
+    from .primitive import register_lowering
 
     path = emulator_library_path()
     if not path.exists():
@@ -131,7 +131,7 @@ def use_emulator(platform: str = "cpu") -> Emulator:
         native.configure_cann(lib_dirs=[], library_names={r: os.fspath(path) for r in native.DEFAULT_LIBRARY_NAMES})
     native.load_cann()
     native.register_targets(platform, HOST_TARGET, NOOP_TARGET)
-    mlir.register_lowering(wqmm_p, native.native_lowering(HOST_TARGET, platform), platform=platform)
+    register_lowering(native.native_lowering(HOST_TARGET, platform), platform)
     jax.clear_caches()  # executables compiled with the previous lowering must not be reused
     return _emulator(os.fspath(path))
 

@@ -1,0 +1,187 @@
+"""Auto-sharded jit: a call with no ``axis_name`` over sharded global arrays partitions into
+per-device fused calls.
+
+Under ``jax.jit`` over arrays placed with ``NamedSharding`` (no ``shard_map``), a call of the
+operator without ``axis_name`` is lowered through ``jax.experimental.custom_partitioning``
+with a Shardy sharding rule (``x1: ... k``, ``x2: k n``, scale ``n`` / ``g n``, out
+``... n``). When the partitioner settles on x1's last dim (k) sharded over mesh axes, every
+device runs the operator on its shards **with those axes as its axis_name**: one fused call
+with the all-reduce inside (on the NPU, one ``aclnnWeightQuantMatmulAllReduce``), the output
+replicated over them. n and batch dims stay sharded as their inputs say (column-parallel,
+data-parallel: no collective at all); the weight is never gathered.
+
+Where a sharding cannot map to the operator (k sharded over a split that breaks a rule of the
+operator, e.g. a group size that does not divide the local k, or FRACTAL_NZ storage), k is
+gathered instead (the right answer, as XLA would do) and a warning says so once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .spec import ConstraintError, WqmmSpec, make_spec, unpack_operands
+
+__all__ = ["partitioned", "output_spec"]
+
+_warned: set = set()
+
+
+def _names(spec: WqmmSpec) -> list[str]:
+    """Shardy factor names per operand (present ones, operator order) and the result."""
+    lead = ["m"] if len(spec.x1_shape) == 2 else ["b", "s"]
+    x1 = lead + ["k"]
+    x2 = ["n", "k"] if spec.transpose_x2 else ["k", "n"]
+    scale = {"per_tensor": ["p"], "per_channel": ["n"] if len(spec.scale_shape) == 1 else ["p", "n"],
+             "per_group": ["g", "n"]}[spec.granularity]
+    ops = [x1, x2, scale]
+    if spec.has_offset:
+        ops.append(scale)
+    if spec.has_bias:
+        ops.append(["n"])
+    if spec.has_x3:
+        ops.append(lead + ["n"])
+    return [" ".join(o) for o in ops] + [" ".join(lead + ["n"])]
+
+
+def _axes(entry) -> tuple:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _entry(axes: tuple):
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _dim_spec(sharding, dim: int) -> tuple:
+    spec = getattr(sharding, "spec", None)
+    if spec is None or dim >= len(spec):
+        return ()
+    return _axes(spec[dim])
+
+
+def _plan(spec: WqmmSpec, mesh, arg_shapes):
+    """(k axes, n axes, batch axes per lead dim): from x1's k / lead dims and x2's n dim."""
+    x1_sh, x2_sh = arg_shapes[0].sharding, arg_shapes[1].sharding
+    lead = len(spec.x1_shape) - 1
+    k_axes = _dim_spec(x1_sh, lead)
+    batch = [_dim_spec(x1_sh, d) for d in range(lead)]
+    n_axes = _dim_spec(x2_sh, 0 if spec.transpose_x2 else 1)
+    used = set(k_axes).union(*batch)
+    if set(n_axes) & used:
+        n_axes = ()
+    if k_axes:
+        size = math.prod(mesh.shape[a] for a in k_axes)
+        why = None
+        if spec.x2_format != "ND":
+            why = "a FRACTAL_NZ weight cannot be split along k here"
+        elif spec.k % size:
+            why = f"k={spec.k} does not split over {size} devices"
+        else:
+            try:
+                make_spec(*_local_avals(spec, mesh, arg_shapes, k_axes, n_axes, batch), **spec.options)
+            except ConstraintError as e:
+                why = str(e)
+        if why:
+            key = (spec, k_axes)
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(
+                    f"jax_wqmm: k sharded over {k_axes} does not map to the fused operator ({why}); "
+                    "gathering k instead (the result is the same, without the fused all-reduce).",
+                    RuntimeWarning, stacklevel=2)
+            k_axes = ()
+    return k_axes, n_axes, batch
+
+
+def _shardings(spec: WqmmSpec, k_axes, n_axes, batch) -> list[P]:
+    """PartitionSpecs of the operands (present ones) and the result for a plan."""
+    k, n, lead = _entry(k_axes), _entry(n_axes), [_entry(b) for b in batch]
+    x1 = P(*lead, k)
+    x2 = P(n, k) if spec.transpose_x2 else P(k, n)
+    if spec.x2_format != "ND":
+        x2 = P(*([None] * len(spec.x2_shape)))
+    scale = {"per_tensor": P(None), "per_channel": P(n) if len(spec.scale_shape) == 1 else P(None, n),
+             "per_group": P(k, n)}[spec.granularity]
+    ops = [x1, x2, scale]
+    if spec.has_offset:
+        ops.append(scale)
+    if spec.has_bias:
+        ops.append(P(n))
+    if spec.has_x3:
+        ops.append(P(*lead, n))
+    return ops + [P(*lead, n)]
+
+
+def _local_avals(spec, mesh, arg_shapes, k_axes, n_axes, batch):
+    """The operands as one device sees them (ShapeDtypeStructs), absent ones None."""
+    import jax
+
+    specs = _shardings(spec, k_axes, n_axes, batch)[:-1]
+    shapes = []
+    for a, p in zip(arg_shapes, specs):
+        dims = list(a.shape)
+        for d, entry in enumerate(p):
+            dims[d] //= math.prod(mesh.shape[x] for x in _axes(entry))
+        shapes.append(jax.ShapeDtypeStruct(tuple(dims), a.dtype))
+    return unpack_operands(spec, shapes)
+
+
+@functools.cache
+def _partitioned_call(spec: WqmmSpec):
+    from .primitive import wqmm_p
+
+    @custom_partitioning
+    def call(*operands):
+        return wqmm_p.bind(*operands, spec=spec)
+
+    def partition(mesh, arg_shapes, result_shape):
+        k_axes, n_axes, batch = _plan(spec, mesh, arg_shapes)
+        specs = _shardings(spec, k_axes, n_axes, batch)
+
+        def lower_fn(*operands):
+            local = make_spec(*unpack_operands(spec, operands), **dict(spec.options, axis_name=None))
+            local = dataclasses.replace(local, axis_name=k_axes, product=spec.product)
+            return wqmm_p.bind(*operands, spec=local)
+
+        return (mesh, lower_fn, NamedSharding(mesh, specs[-1]),
+                tuple(NamedSharding(mesh, p) for p in specs[:-1]))
+
+    names = _names(spec)
+    call.def_partition(partition=partition, sharding_rule=", ".join(names[:-1]) + " -> " + names[-1],
+                       reduction_factors=("k",))
+    return call
+
+
+def partitioned(rule):
+    """A lowering rule: ``rule`` where the module is not auto-sharded over several devices (or
+    the call already reduces), else the call through :func:`_partitioned_call`."""
+    from jax._src import sharding_impls
+
+    def lowering(ctx, *operands, spec: WqmmSpec):
+        axis_context = ctx.module_context.axis_context
+        auto = (not spec.axis_name and isinstance(axis_context, sharding_impls.ShardingContext)
+                and axis_context.num_devices > 1)
+        if not auto:
+            return rule(ctx, *operands, spec=spec)
+        return mlir.lower_fun(_partitioned_call(spec), multiple_results=False)(ctx, *operands)
+
+    return lowering
+
+
+def output_spec(spec: WqmmSpec, x1_sharding, x2_sharding):
+    """The output's PartitionSpec for sharding-in-types (Explicit mesh axes): x1's lead dims,
+    x2's n dim; the reduced k is not in it (the operator's all-reduce replicates it)."""
+    lead = len(spec.x1_shape) - 1
+    batch = [_dim_spec(x1_sharding, d) for d in range(lead)]
+    n_axes = _dim_spec(x2_sharding, 0 if spec.transpose_x2 else 1) if spec.x2_format == "ND" else ()
+    if set(n_axes) & set().union(*batch):
+        n_axes = ()
+    return P(*[_entry(b) for b in batch], _entry(n_axes))

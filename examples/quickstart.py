@@ -1,6 +1,6 @@
 """Quickstart: quantize a weight, shard it over 8 devices, run the fused matmul + all-reduce.
 
-Runs on CPU (8 virtual devices) with the reference lowering; on an Ascend NPU the same code
+Runs on CPU (8 virtual devices) with the default CPU lowering; on an Ascend NPU the same code
 lowers to aclnnWeightQuantMatmulAllReduce once the native path is registered.
 """
 

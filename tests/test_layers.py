@@ -165,3 +165,36 @@ def test_layer_errors_name_the_layers_arguments():
 def test_quantize_weight_scale_dtype_must_be_an_activation_dtype():
     with pytest.raises(wq.ConstraintError, match="scale_dtype='float32': must be float16 or bfloat16"):
         wq.quantize_weight(jnp.ones((64, 16)), scale_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("npu", [False, True], ids=["cpu", "emulated_npu"])
+def test_example_layer_auto_sharded_form_equals_the_shard_map_form(npu):
+    """The plain-jit form of the example layer (weights placed with NamedSharding, no
+    shard_map) gives the shard_map form's output; under the emulator its compiled module
+    runs one fused custom call per row-parallel projection, no all-reduce, and gathers no
+    weight."""
+    import jax_wqmm.testing as wqt
+
+    cfg = ex.Config(hidden=512, heads=8, intermediate=1024, batch=1, seq=8)
+    q = ex.quantize_params(ex.init_params(jax.random.key(0), cfg), "int8")
+    mesh = jax.make_mesh((8,), ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jnp.asarray(ex.inputs(cfg), jnp.bfloat16)
+    if npu:
+        wqt.use_emulator()
+        wqt.create_groups(mesh, "tp")
+    try:
+        step, qs = ex.make_step(mesh, cfg, q)
+        auto, qa = ex.make_auto_step(mesh, cfg, q)
+        xs = jax.device_put(x, NamedSharding(mesh, P()))
+        y_map, y_auto = np.asarray(step(qs, xs), np.float64), np.asarray(auto(qa, xs), np.float64)
+        np.testing.assert_allclose(y_auto, y_map, rtol=0, atol=2**-6 * (np.abs(y_map).max() + 1))
+        if npu:
+            text = auto.lower(qa, xs).compile().as_text()
+            assert text.count(f'custom_call_target="{wqt.HOST_TARGET}"') == 2 and "all-reduce" not in text
+            weights = {f"{v.data.shape[0]},{v.data.shape[1]}" for n, v in q.items() if n in ex.COLUMN + ex.ROW}
+            gathers = [line for line in text.splitlines() if "all-gather(" in line]
+            assert not any(f"[{w}]" in line for line in gathers for w in weights), gathers
+    finally:
+        if npu:
+            wqt.destroy_groups()
+            wqt.use_default()

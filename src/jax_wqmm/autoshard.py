@@ -7,7 +7,8 @@ with a Shardy sharding rule (``x1: ... k``, ``x2: k n``, scale ``n`` / ``g n``, 
 ``... n``). When the partitioner settles on x1's last dim (k) sharded over mesh axes, every
 device runs the operator on its shards **with those axes as its axis_name**: one fused call
 with the all-reduce inside (on the NPU, one ``aclnnWeightQuantMatmulAllReduce``), the output
-replicated over them. n and batch dims stay sharded as their inputs say (column-parallel,
+replicated over them. The call keeps its global meaning: bias and x3 are added once (the
+first device along k passes them, the others zeros, as ``layers.row_parallel_linear`` does). n and batch dims stay sharded as their inputs say (column-parallel,
 data-parallel: no collective at all); the weight is never gathered.
 
 Where a sharding cannot map to the operator (k sharded over a split that breaks a rule of the
@@ -22,11 +23,13 @@ import functools
 import math
 import warnings
 
+import jax.numpy as jnp
+from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .spec import ConstraintError, WqmmSpec, make_spec, unpack_operands
+from .spec import ConstraintError, WqmmSpec, make_spec, pack_operands, unpack_operands
 
 __all__ = ["partitioned", "output_spec"]
 
@@ -147,9 +150,16 @@ def _partitioned_call(spec: WqmmSpec):
         specs = _shardings(spec, k_axes, n_axes, batch)
 
         def lower_fn(*operands):
-            local = make_spec(*unpack_operands(spec, operands), **dict(spec.options, axis_name=None))
+            x1, x2, scale, offset, bias, x3 = unpack_operands(spec, operands)
+            if k_axes and (bias is not None or x3 is not None):
+                # The call's global meaning adds bias and x3 once; the operator adds them on
+                # every rank before its sum: pass them on the first rank of k's axes only.
+                first = lax.axis_index(k_axes) == 0
+                bias = None if bias is None else jnp.where(first, bias, jnp.zeros_like(bias))
+                x3 = None if x3 is None else jnp.where(first, x3, jnp.zeros_like(x3))
+            local = make_spec(x1, x2, scale, offset, bias, x3, **dict(spec.options, axis_name=None))
             local = dataclasses.replace(local, axis_name=k_axes, product=spec.product)
-            return wqmm_p.bind(*operands, spec=local)
+            return wqmm_p.bind(*pack_operands(x1, x2, scale, offset, bias, x3), spec=local)
 
         return (mesh, lower_fn, NamedSharding(mesh, specs[-1]),
                 tuple(NamedSharding(mesh, p) for p in specs[:-1]))

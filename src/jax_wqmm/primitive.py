@@ -187,7 +187,11 @@ def _jvp_rule(primals, tangents, *, spec: WqmmSpec):
         if not _is_zero(doffset):
             dw = dw + (reference.expand_quant_param(doffset, spec).astype(f32)
                        * reference.expand_quant_param(scale, spec).astype(f32))
-        terms.append(reference.all_reduce(reference.matmul_f32(x1.astype(f32), dw).astype(spec.out_dtype), spec))
+        sharding = jax.typeof(out).sharding  # explicit mesh axes: k is summed away, as in out
+        explicit = not sharding.mesh.empty and any(
+            t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)
+        y = reference.matmul_f32(x1.astype(f32), dw, out_sharding=sharding if explicit else None)
+        terms.append(reference.all_reduce(y.astype(spec.out_dtype), spec))
     if not terms:
         return out, ad.Zero.from_primal_value(out)
     tangent = terms[0]

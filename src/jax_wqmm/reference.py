@@ -63,7 +63,11 @@ def expand_quant_param(p: jax.Array, spec: WqmmSpec) -> jax.Array:
         return p.reshape(1, 1)
     if spec.granularity == "per_channel":
         return p.reshape(1, spec.n)
-    return jnp.repeat(p, spec.group_size, axis=0, total_repeat_length=spec.num_groups * spec.group_size)[: spec.k]
+    # (G, n) -> (G, g, n) -> (G * g, n): a broadcast and a merge of dims, which keep a
+    # sharding of G (explicit mesh axes) on k, unlike a gather
+    g, n = spec.group_size, spec.n
+    w = jnp.broadcast_to(p[:, None, :], (spec.num_groups, g, n)).reshape(spec.num_groups * g, n)
+    return w if spec.num_groups * g == spec.k else w[: spec.k]
 
 
 def _u32(x):
@@ -120,10 +124,12 @@ def dequantize(x2, scale, offset, spec: WqmmSpec, dtype=None) -> jax.Array:
     return w.astype(dtype or spec.act_dtype)
 
 
-def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., k) @ w (k, n) with float32 accumulation."""
+def matmul_f32(x: jax.Array, w: jax.Array, out_sharding=None) -> jax.Array:
+    """x (..., k) @ w (k, n) with float32 accumulation (``out_sharding``: for explicit mesh
+    axes where k is sharded)."""
+    kw = {} if out_sharding is None else dict(out_sharding=out_sharding)
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=jnp.float32, **kw)
 
 
 def add_bias_x3(acc: jax.Array, bias, x3, spec: WqmmSpec) -> jax.Array:

@@ -32,6 +32,7 @@
 
 #include "../cann_abi.h"
 #include "../numerics.h"
+#include "hub.h"
 
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -206,6 +207,10 @@ struct Group {
   std::vector<bool> present;
   std::shared_ptr<std::vector<float>> result;
   std::string result_error;
+  // Groups made from root info: each local rank's connection to the group's hub (hub.h),
+  // which runs the all-reduce across processes.
+  bool hub = false;
+  std::map<int, std::shared_ptr<jax_wqmm::emu::HubRank>> hub_ranks;
 };
 
 std::mutex g_groups_mu;
@@ -234,12 +239,28 @@ std::shared_ptr<Group> FindGroup(const std::string& name) {
   return it == Groups().end() ? nullptr : it->second;
 }
 
+std::atomic<int64_t> g_live_comms{0};
+
 struct Comm {  // ranks come from the group's device_to_rank
   std::shared_ptr<Group> group;
+  int rank = -1;
+  Comm(std::shared_ptr<Group> g, int r) : group(std::move(g)), rank(r) { g_live_comms.fetch_add(1); }
+  ~Comm() { g_live_comms.fetch_sub(1); }
 };
 
 // Sums ``local`` over the group's ranks; every rank gets the rounded sum.
 aclnnStatus AllReduce(Group& g, int rank, aclDataType out_dtype, std::vector<float>* data) {
+  if (g.hub) {  // across processes, through the group's hub
+    std::shared_ptr<jax_wqmm::emu::HubRank> link;
+    {
+      std::lock_guard<std::mutex> lock(g.mu);
+      auto it = g.hub_ranks.find(rank);
+      if (it != g.hub_ranks.end()) link = it->second;
+    }
+    if (!link) return Fail(ACLNN_ERR_INNER, "all-reduce on group " + g.name + ": rank " + std::to_string(rank) + " has no communicator here");
+    std::string err = link->AllReduce(out_dtype, data, g_timeout_ms.load());
+    return err.empty() ? ACLNN_SUCCESS : Fail(ACLNN_ERR_INNER, err + " (on rank " + std::to_string(rank) + ")");
+  }
   std::unique_lock<std::mutex> lock(g.mu);
   uint64_t my_gen = g.generation;
   if (g.present[rank]) {
@@ -358,7 +379,7 @@ EMU_EXPORT HcclResult HcclCommInitAll(uint32_t ndev, int32_t* devices, HcclComm*
   std::lock_guard<std::mutex> lock(g->mu);
   for (uint32_t i = 0; i < ndev; ++i) {
     g->device_to_rank[devices[i]] = static_cast<int>(i);
-    comms[i] = new Comm{g};
+    comms[i] = new Comm(g, static_cast<int>(i));
   }
   return HCCL_SUCCESS;
 }
@@ -370,7 +391,12 @@ EMU_EXPORT HcclResult HcclGetRootInfo(HcclRootInfo* rootInfo) {
     return 1;
   }
   std::memset(rootInfo->internal, 0, sizeof(rootInfo->internal));
-  std::string id = "emu_root_" + std::to_string(g_group_counter.fetch_add(1));
+  std::string err;
+  std::string id = jax_wqmm::emu::StartHub(g_timeout_ms.load(), &err);
+  if (id.empty()) {
+    t_error = err;
+    return 1;
+  }
   std::memcpy(rootInfo->internal, id.data(), id.size());
   return HCCL_SUCCESS;
 }
@@ -383,18 +409,24 @@ EMU_EXPORT HcclResult HcclCommInitRootInfo(uint32_t nRanks, const HcclRootInfo* 
     return 1;
   }
   std::string id(rootInfo->internal, strnlen(rootInfo->internal, sizeof(rootInfo->internal)));
-  auto g = GetOrCreateGroup("emu_hccl_" + id, static_cast<int>(nRanks));
-  std::unique_lock<std::mutex> lock(g->mu);
-  if (g->size != static_cast<int>(nRanks)) return 1;
-  g->device_to_rank[t_device] = static_cast<int>(rank);
-  g->cv.notify_all();
-  // Like HCCL, block until every rank has joined.
-  if (!g->cv.wait_for(lock, std::chrono::milliseconds(g_timeout_ms.load()),
-                      [&] { return static_cast<int>(g->device_to_rank.size()) == g->size; })) {
-    t_error = "HcclCommInitRootInfo: timed out waiting for the other ranks";
+  if (!jax_wqmm::emu::IsHubId(id)) {
+    t_error = "HcclCommInitRootInfo: root info '" + id + "' was not made by HcclGetRootInfo";
+    return 1;
+  }
+  // Like HCCL, block until every rank (in any process) has joined.
+  std::string err;
+  std::shared_ptr<jax_wqmm::emu::HubRank> link =
+      jax_wqmm::emu::HubRank::Join(id, static_cast<int>(rank), static_cast<int>(nRanks), g_timeout_ms.load(), &err);
+  if (!link) {
+    t_error = err;
     return 9;  // HCCL_E_TIMEOUT
   }
-  *comm = new Comm{g};
+  auto g = GetOrCreateGroup("emu_hccl_" + id, static_cast<int>(nRanks));
+  std::lock_guard<std::mutex> lock(g->mu);
+  g->hub = true;
+  g->device_to_rank[t_device] = static_cast<int>(rank);
+  g->hub_ranks[static_cast<int>(rank)] = link;
+  *comm = new Comm(g, static_cast<int>(rank));
   return HCCL_SUCCESS;
 }
 
@@ -408,7 +440,12 @@ EMU_EXPORT HcclResult HcclGetCommName(HcclComm comm, char* commName) {
 
 EMU_EXPORT HcclResult HcclCommDestroy(HcclComm comm) {
   if (comm == nullptr) return 1;
-  delete static_cast<Comm*>(comm);
+  auto* c = static_cast<Comm*>(comm);
+  {
+    std::lock_guard<std::mutex> lock(c->group->mu);
+    c->group->hub_ranks.erase(c->rank);  // closes the rank's connection to the hub
+  }
+  delete c;
   return HCCL_SUCCESS;
 }
 
@@ -743,6 +780,8 @@ EMU_EXPORT aclnnStatus aclnnWeightQuantMatmulAllReduce(void* workspace, uint64_t
 
 EMU_EXPORT int64_t wqmm_emu_live_tensors() { return g_live_tensors.load(); }
 EMU_EXPORT int64_t wqmm_emu_live_executors() { return g_live_executors.load(); }
+// Communicators created and not destroyed (HcclCommInitAll / HcclCommInitRootInfo).
+EMU_EXPORT int64_t wqmm_emu_live_comms() { return g_live_comms.load(); }
 // stage 1: GetWorkspaceSize, 2: the op; 0 clears. Every call fails with ``code`` while set.
 EMU_EXPORT void wqmm_emu_set_failure(int stage, int code) {
   g_fail_code.store(code);

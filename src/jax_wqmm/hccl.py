@@ -13,7 +13,9 @@ name through a registry that this module fills:
 
 from __future__ import annotations
 
+import atexit
 import base64
+import itertools
 import threading
 from typing import Sequence
 
@@ -28,6 +30,9 @@ __all__ = ["register_group", "create_groups", "destroy_groups", "registered_grou
 
 _comms: list[int] = []
 _lock = threading.Lock()
+# create_groups calls in this process, in order: every process makes the same calls, so the
+# n-th call's key-value keys match across processes and are never those of an earlier call.
+_calls = itertools.count()
 
 
 def live_communicators() -> int:
@@ -39,7 +44,9 @@ def live_communicators() -> int:
 def device_ordinal(device: jax.Device) -> int:
     """The local device ordinal XLA hands the handler (``DeviceOrdinal``), which the handler
     makes current (``aclrtSetDevice``) as CANN's logical device id."""
-    hw = getattr(device, "local_hardware_id", None)
+    if device.platform == "cpu":  # XLA's CPU client hands FFI handlers the global device id
+        return int(device.id)
+    hw = getattr(device, "local_hardware_id", None)  # accelerators: the local ordinal
     return int(device.id if hw is None else hw)
 
 
@@ -78,6 +85,7 @@ def create_groups(mesh: jax.sharding.Mesh, axis_name: str | Sequence[str]) -> di
     axes = normalize_axis_name(axis_name)
     key = native.axis_key(axes)
     me = jax.process_index()
+    call = next(_calls)
     out: dict[jax.Device, str] = {}
     for gi, group in enumerate(_groups_along(mesh, axes)):
         local = [d for d in group if d.process_index == me]
@@ -87,7 +95,7 @@ def create_groups(mesh: jax.sharding.Mesh, axis_name: str | Sequence[str]) -> di
             comms = ext.hccl_comm_init_all([device_ordinal(d) for d in group])
             results = list(zip(group, comms))
         else:
-            root = _exchange_root_info(ext, f"jax_wqmm/hccl/{key}/{gi}", group[0].process_index == me,
+            root = _exchange_root_info(ext, f"jax_wqmm/hccl/{call}/{key}/{gi}", group[0].process_index == me,
                                        device_ordinal(local[0]))
             results = _init_root_info(ext, group, local, root)
         for d, (handle, name) in results:
@@ -131,6 +139,15 @@ def _init_root_info(ext, group, local, root: bytes):
     return [(d, results[d]) for d in local]
 
 
+def _destroy_at_exit() -> None:
+    """Communicators still alive at interpreter exit are destroyed (HCCL frees its resources,
+    and the other processes' ranks see this one leave instead of a hang)."""
+    try:
+        destroy_groups()
+    except Exception:  # noqa: BLE001 - the libraries may already be gone at exit
+        pass
+
+
 def destroy_groups() -> None:
     """Destroys every communicator :func:`create_groups` made and clears the registry."""
     ext = native.extension()
@@ -140,3 +157,6 @@ def destroy_groups() -> None:
     for h in handles:
         ext.hccl_comm_destroy(h)
     ext.clear_groups()
+
+
+atexit.register(_destroy_at_exit)

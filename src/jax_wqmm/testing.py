@@ -52,7 +52,7 @@ class Emulator:
         self.path = path
         lib = ctypes.CDLL(os.fspath(path))
         for name in ("wqmm_emu_live_tensors", "wqmm_emu_live_executors", "wqmm_emu_timeout_ms",
-                     "wqmm_emu_calls"):
+                     "wqmm_emu_calls", "wqmm_emu_live_comms"):
             getattr(lib, name).restype = ctypes.c_int64
         lib.wqmm_emu_set_failure.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.wqmm_emu_set_timeout_ms.argtypes = [ctypes.c_int64]
@@ -66,6 +66,10 @@ class Emulator:
 
     def live_executors(self) -> int:
         return int(self._lib.wqmm_emu_live_executors())
+
+    def live_comms(self) -> int:
+        """Communicators created and not yet destroyed."""
+        return int(self._lib.wqmm_emu_live_comms())
 
     def calls(self) -> int:
         """Operator runs (second stage) so far."""

@@ -17,7 +17,7 @@ jax_wqmm's time over the other column's (below 1: jax_wqmm is faster), except
 jax_wqmm's compiled module (XLA memory analysis). The run ends with the fast-CPU-kernel
 targets checked against these numbers.
 
-    python benchmarks/matmul_bench.py [--quick] [--png benchmarks/matmul_bench.png]
+    python benchmarks/matmul_bench.py [--quick] [--png PATH]   (the plot only with --png)
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def stream_bandwidth(mib: int) -> float:
     return max(best, x.nbytes / t)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (and family, which tells Zen 4 from Zen 5) from /proc/cpuinfo."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    family = fields.get("cpu family")
+    return f"{name} (family {family})" if family else name
+
+
 def temp_bytes(f, *args) -> int:
     try:
         return int(jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes)
@@ -92,7 +107,8 @@ def temp_bytes(f, *args) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="decode shapes only")
-    ap.add_argument("--png", default=os.path.join(os.path.dirname(__file__), "matmul_bench.png"))
+    ap.add_argument("--png", default=None,
+                    help="write the plot here (the README's picture is benchmarks/matmul_bench.png)")
     ap.add_argument("--bw-mib", type=int, default=512, help="array size for the bandwidth probe")
     ap.add_argument("--rotate-mib", type=int, default=128,
                     help="weight copies the calls cycle through, in MiB (beyond the last-level cache)")
@@ -104,7 +120,7 @@ def main():
 
     bw = stream_bandwidth(args.bw_mib)
     peak = cpu_kernel.peak_mac_rate(0.5)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}; "
+    print(f"machine: {cpu_name()}, {platform.machine()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__}; streaming read {bw / 1e9:.1f} GB/s; kernel ISA {cpu_kernel.isa()}, "
           f"peak {peak / 1e9:.0f} GMAC/s; qwix {getattr(qwix, '__version__', 'not installed')}")
     act = jnp.bfloat16
@@ -153,8 +169,9 @@ def main():
     print(_table(rows))
     print()
     print(_targets(rows))
-    _plot(rows, args.png)
-    print(f"\nplot: {args.png}")
+    if args.png:
+        _plot(rows, args.png)
+        print(f"\nplot: {args.png}")
 
 
 def _fmt_ms(t):

@@ -168,3 +168,11 @@ def test_import_does_not_initialize_jax_backends():
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=os.path.dirname(__file__))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "3"
+
+
+def test_an_unknown_isa_setting_is_refused_naming_the_choices():
+    out = subprocess.run([sys.executable, "-c", "import jax_wqmm"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_WQMM_CPU_ISA="bogus", JAX_PLATFORMS="cpu"),
+                         cwd=os.path.dirname(__file__))
+    assert out.returncode != 0
+    assert "JAX_WQMM_CPU_ISA='bogus': must be one of avx512bf16, avx512, avx2, portable" in out.stderr

@@ -19,6 +19,8 @@ CPU lowering when the extension is importable (:func:`register`, called at impor
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,10 +74,22 @@ def _impl(*operands, spec: WqmmSpec):
     return reference.all_reduce(local_matmul(*args, spec), spec)
 
 
+ISAS = ("avx512bf16", "avx512", "avx2", "portable")
+
+
+def _check_isa_setting() -> None:
+    forced = os.environ.get("JAX_WQMM_CPU_ISA")
+    if forced is not None and forced not in ISAS:
+        raise ValueError(f"JAX_WQMM_CPU_ISA={forced!r}: must be one of {', '.join(ISAS)} "
+                         "(a lower instruction set than the CPU's; unset for the best one)")
+
+
 def register(platform: str = "cpu") -> bool:
-    """Makes the CPU kernel the lowering on ``platform``; False if the extension is missing."""
+    """Makes the CPU kernel the lowering on ``platform``; False if the extension is missing.
+    Raises ValueError for an unknown ``$JAX_WQMM_CPU_ISA``."""
     from .primitive import register_lowering
 
+    _check_isa_setting()
     try:
         native.register_targets(platform, MATMUL_TARGET, DEQUANTIZE_TARGET)
     except native.NativeExtensionError:

@@ -18,6 +18,12 @@ jax_wqmm's compiled module (XLA memory analysis). The run ends with the fast-CPU
 targets checked against these numbers.
 
     python benchmarks/matmul_bench.py [--quick] [--png PATH]   (the plot only with --png)
+    python benchmarks/matmul_bench.py --sweep [--png PATH]     (m = 1..128 at k = n = 4096)
+
+The sweep times jax_wqmm and XLA's bf16 dot over bf16 weights for m = 1, 2, 4, ..., 128 and
+prints each time over max(bandwidth floor, compute floor), where the compute floor uses the best
+multiply-add rate any code reached in the run: the kernel's own probe, or XLA's bf16 dot at
+m = 512.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ def temp_bytes(f, *args) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="decode shapes only")
+    ap.add_argument("--sweep", action="store_true", help="the m sweep (see the module docstring)")
     ap.add_argument("--png", default=None,
                     help="write the plot here (the README's picture is benchmarks/matmul_bench.png)")
     ap.add_argument("--bw-mib", type=int, default=512, help="array size for the bandwidth probe")
@@ -124,6 +131,8 @@ def main():
           f"jax {jax.__version__}; streaming read {bw / 1e9:.1f} GB/s; kernel ISA {cpu_kernel.isa()}, "
           f"peak {peak / 1e9:.0f} GMAC/s; qwix {getattr(qwix, '__version__', 'not installed')}")
     act = jnp.bfloat16
+    if args.sweep:
+        return sweep(args, bw, peak)
     rows = []
     shapes = [s for s in SHAPES if s[0] <= 16] if args.quick else SHAPES
     for (m, k, n) in shapes:
@@ -172,6 +181,64 @@ def main():
     if args.png:
         _plot(rows, args.png)
         print(f"\nplot: {args.png}")
+
+
+SWEEP_M = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def sweep(args, bw: float, peak: float) -> None:
+    """m = 1..128 at k = n = 4096: jax_wqmm and XLA's bf16 dot over max(floors)."""
+    act, k, n = jnp.bfloat16, 4096, 4096
+    w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) / np.sqrt(k)
+    w_act = w.astype(act)
+    dense = jax.jit(lambda x, w: jnp.dot(x, w))
+    x512 = jax.random.normal(jax.random.key(1), (512, k), jnp.float32).astype(act)
+    xla_rate = 512 * k * n / median_seconds(dense, *[(x512, c) for c in copies(w_act, 4)])
+    best = max(peak, xla_rate)
+    print(f"best multiply-add rate: {best / 1e9:.0f} GMAC/s (kernel probe {peak / 1e9:.0f}, "
+          f"XLA's bf16 dot at m=512 {xla_rate / 1e9:.0f})")
+    print(f"{'m':>4s} {'weights':>9s} {'jax_wqmm':>9s} {'xla bf16':>9s} {'bw floor':>9s} {'cmp floor':>9s}"
+          f" {'/floor':>7s} {'/xla':>6s}")
+    rows = []
+    for mode, kw in MODES.items():
+        qw = wq.quantize_weight(w, scale_dtype=act, **kw)
+        g = qw.group_size
+        fused = jax.jit(lambda x, d, s, g=g: wq.weight_quant_matmul_all_reduce(x, d, s, antiquant_group_size=g))
+        weight_bytes = k * n // (2 if kw["dtype"] == "int4" else 1)
+        count = max(1, -(-args.rotate_mib * 2**20 // weight_bytes))
+        wcopies = copies((qw.data, qw.scale), count)
+        dcopies = copies(w_act, max(1, count // 2))
+        for m in SWEEP_M:
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(act)
+            t = median_seconds(fused, *[(x, d, s) for d, s in wcopies])
+            tx = median_seconds(dense, *[(x, c) for c in dcopies])
+            floor = max(weight_bytes / bw, m * k * n / best)
+            rows.append(dict(m=m, mode=mode, t=t, xla=tx, floor=floor))
+            print(f"{m:4d} {mode:>9s} {_fmt_ms(t)} {_fmt_ms(tx)} {_fmt_ms(weight_bytes / bw)} "
+                  f"{_fmt_ms(m * k * n / best)} {t / floor:7.2f} {t / tx:6.2f}", flush=True)
+    if args.png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot (pip install .[bench])")
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mode in MODES:
+            rs = [r for r in rows if r["mode"] == mode]
+            ax.plot([r["m"] for r in rs], [r["t"] / r["floor"] for r in rs], "o-", label=f"jax_wqmm {mode}")
+            ax.plot([r["m"] for r in rs], [r["xla"] / r["floor"] for r in rs], "x--",
+                    label=f"XLA bf16 dot (bf16 weights), vs {mode} floor")
+        ax.axhline(1.5, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("m (rows of x), k = n = 4096")
+        ax.set_ylabel("time / max(bandwidth floor, compute floor)")
+        ax.set_title(f"{cpu_name()}, jax {jax.__version__}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"plot: {args.png}")
 
 
 def _fmt_ms(t):

@@ -241,11 +241,14 @@ WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0,
     }
     uint16_t* __restrict out = static_cast<uint16_t*>(p.out) + kk * width;
     const float* __restrict b = buf.data();
+    // b holds values of the activation dtype already (rounded by DequantRowND / DequantT):
+    // storing them is exact bit selection
     if (p.act == Float::kBF16) {
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) out[j] = F32ToBf16(b[j]);
+      for (int64_t j = 0; j < width; ++j) out[j] = static_cast<uint16_t>(Bits(b[j]) >> 16);
     } else {
-      for (int64_t j = 0; j < width; ++j) out[j] = F32ToF16(b[j]);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) out[j] = F16BitsOfExact(b[j]);
     }
   }
 }

@@ -104,6 +104,17 @@ WQMM_INLINE float RoundF16(float f) {
   return FromBits(Bits(r) | sign);
 }
 
+// The float16 bits of f, a value float16 represents exactly (what the rounding functions
+// return). Branch-free: vectorizes in simd loops.
+WQMM_INLINE uint16_t F16BitsOfExact(float f) {
+  const uint32_t u = Bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  const uint32_t normal = ((a >> 13) - ((127u - 15u) << 10)) & 0x7fffu;
+  const uint32_t tiny = static_cast<uint32_t>(FromBits(a) * 16777216.0f);  // multiples of 2^-24
+  uint32_t h = a < 0x38800000u ? tiny : normal;
+  h = a >= 0x7f800000u ? (a > 0x7f800000u ? 0x7e00u : 0x7c00u) : h;  // NaN, inf
+  return static_cast<uint16_t>(sign | h);
+}
+
 // ---- the contract
 
 // The dequantized weight of code value q (exact), with offset o (0 when absent) and scale s,

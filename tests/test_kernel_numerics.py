@@ -25,10 +25,13 @@ from jax.sharding import PartitionSpec as P
 
 import jax_wqmm as wq
 import jax_wqmm.testing as wqt
+from jax_wqmm import cpu_kernel
 import oracle
 from cases import C0, make_case, store
 
 LOWERINGS = ("reference", "cpu", "emulator")
+# identity rows, repeated past the CPU kernel's SMALL_M: the large-m dequantize path
+LARGE_M = np.arange(cpu_kernel.SMALL_M + 3) % 64
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +111,11 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
     k = want.shape[0]
     eye = np.eye(k).astype(oracle.ACT_NP[act])
     soc = "Ascend950PR" if wd in ("float8_e4m3fn", "hifloat8") else "Ascend910B4"
-    # the rows each path sees: all k (the CPU's large-m dequantize path), 16 (the fused
-    # kernel's built panels), 2 and 1 (its direct decode)
-    for rows in (slice(0, k), slice(16, 32), slice(5, 7), slice(63, 64)):
+    # the rows each path sees: more than SMALL_M (the CPU's large-m dequantize path), all k and
+    # 16 (the fused kernel's built panels), 2 and 1 (its direct decode)
+    for rows in (LARGE_M, slice(0, k), slice(16, 32), slice(5, 7), slice(63, 64)):
         args = (eye[rows],) + case.args[1:]
-        for lowering in LOWERINGS if rows.start == 0 else ("cpu",):
+        for lowering in LOWERINGS if isinstance(rows, slice) and rows.start == 0 else ("cpu",):
             got = _call(lowering, args, case.kwargs, mesh, emu, soc)
             np.testing.assert_array_equal(_bits(got, act), _bits(want[rows], act),
                                           err_msg=f"{lowering}, rows {rows}")
@@ -150,7 +153,7 @@ def _exact_case(rng, m, k, n, act, wd, off, bias, x3):
 def test_exact_sums_with_bias_and_x3_are_the_kernels_rounding(one_device_group, act, wd, off, bias, x3):
     mesh, emu = one_device_group
     rng = np.random.default_rng(zlib.crc32(repr((act, wd, off, bias, x3)).encode()))
-    for m in (1, 2, 16, 40):
+    for m in (1, 2, 16, 40, cpu_kernel.SMALL_M + 3):
         args, want = _exact_case(rng, m, 64, 48, act, wd, off, bias, x3)
         for lowering in LOWERINGS:
             got = _call(lowering, args, {}, mesh, emu, "Ascend910B4")
@@ -183,13 +186,13 @@ def test_every_instruction_set_copy_rounds_as_the_kernel(isa):
                                            ("int8", "per_group", True, "bfloat16", "T")]:
             case, want = t._weight_case(wd, gran, off, act, layout)
             eye = np.eye(want.shape[0]).astype(oracle.ACT_NP[act])
-            for rows in (slice(0, 64), slice(16, 32), slice(5, 7), slice(63, 64)):
+            for rows in (t.LARGE_M, slice(0, 64), slice(16, 32), slice(5, 7), slice(63, 64)):
                 got = wq.weight_quant_matmul_all_reduce(jnp.asarray(eye[rows]), *map(jnp.asarray, [a for a in case.args[1:4] if a is not None]), **case.kwargs) if case.args[3] is not None else \\
                       wq.weight_quant_matmul_all_reduce(jnp.asarray(eye[rows]), *map(jnp.asarray, case.args[1:3]), **case.kwargs)
                 np.testing.assert_array_equal(t._bits(got, act), t._bits(want[rows], act))
         rng = np.random.default_rng(0)
         for act in ("bfloat16", "float16"):
-            for m in (1, 2, 16, 40):
+            for m in (1, 2, 16, 40, cpu_kernel.SMALL_M + 3):
                 args, want = t._exact_case(rng, m, 64, 48, act, "int4", True, True, True)
                 got = wq.weight_quant_matmul_all_reduce(*map(jnp.asarray, args))
                 np.testing.assert_array_equal(t._bits(got, act), t._bits(want, act))

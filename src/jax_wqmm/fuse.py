@@ -138,8 +138,11 @@ def _find_chains(jaxpr, manual: frozenset, rep: FuseReport) -> dict[int, _Chain]
         slots = {"bias": not spec.has_bias, "x3": not spec.has_x3}
         while True:
             users = uses.get(v, [])
-            if v in outvars or len(users) != 1:
-                why = "its result is also used elsewhere" if adds or len(users) > 1 or v in outvars else "no psum follows"
+            n_uses = len(users) + (v in outvars)
+            if n_uses != 1 or v in outvars:
+                why = ("its result is also used elsewhere" if n_uses > 1 else
+                       "no psum follows: the result is returned as it is" if v in outvars else
+                       "its result is unused")
                 break
             user = users[0]
             name = user.primitive.name

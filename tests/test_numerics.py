@@ -99,7 +99,7 @@ def test_tolerance_detects_a_wrong_result():
         oracle.assert_close(wrong, expected, mag, "bfloat16")
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same examples every run (CI)
 @given(
     m=st.integers(1, 33), k=st.integers(33, 300), n=st.integers(1, 70),
     wd=st.sampled_from(INT_DTYPES + FLOAT_DTYPES), gran=st.sampled_from(["per_tensor", "per_channel", "per_group"]),
@@ -110,8 +110,9 @@ def test_random_shapes(m, k, n, wd, gran, tr, nz, act, gmul, seed):
     group = min(32 * gmul, (k - 1) // 32 * 32)
     fmt = "FRACTAL_NZ" if nz else "ND"
     if wd in FLOAT_DTYPES:
-        # per-channel only; with n = 1 a per-channel scale has one element: per-tensor to CANN
-        gran, n = "per_channel", max(n, 2)
+        gran = "per_channel"  # FP8 / HiFloat8: per-channel only
+    if gran == "per_channel":
+        n = max(n, 2)  # with n = 1 a per-channel scale has one element: per-tensor to CANN
     if not _supported(wd, gran, fmt):
         fmt = "ND"
     case = make_case(np.random.default_rng(seed), weight_dtype=wd, granularity=gran,

@@ -2,8 +2,6 @@
 partitions into per-device fused calls when k is sharded, and without collectives otherwise.
 Auto and Explicit mesh axes, the default CPU lowering and the emulator as the NPU."""
 
-import warnings
-
 import numpy as np
 import pytest
 

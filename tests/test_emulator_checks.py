@@ -7,8 +7,6 @@ same mistake made through jax_wqmm, which must raise ConstraintError before anyt
 tests in test_native.py pass against this emulator, which would reject a wrong one).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -27,7 +27,7 @@ import jax_wqmm as wq
 import jax_wqmm.testing as wqt
 from jax_wqmm import cpu_kernel
 import oracle
-from cases import C0, make_case, store
+from cases import make_case
 
 LOWERINGS = ("reference", "cpu", "emulator")
 # identity rows, repeated past the CPU kernel's SMALL_M: the large-m dequantize path

@@ -11,7 +11,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_wqmm as wq
 import oracle
-from cases import ACT, make_case, to_jax
+from cases import make_case, to_jax
 
 TP = 8
 

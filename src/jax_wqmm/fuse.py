@@ -133,9 +133,7 @@ def _find_chains(jaxpr, manual: frozenset, rep: FuseReport) -> dict[int, _Chain]
     for i, eqn in enumerate(jaxpr.eqns):
         if eqn.primitive is not wqmm_p or eqn.params["spec"].axis_name:
             continue
-        spec = eqn.params["spec"]
         v, adds, why = eqn.outvars[0], [], None
-        slots = {"bias": not spec.has_bias, "x3": not spec.has_x3}
         while True:
             users = uses.get(v, [])
             n_uses = len(users) + (v in outvars)

@@ -34,7 +34,6 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.interpreters import mlir
 
 from .spec import PRODUCTS, WqmmSpec, check_product, current_target_product
 

@@ -12,7 +12,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import formats, reference
 from .spec import FP8_LIKE, WEIGHT_DTYPES, ConstraintError, check_group_size, make_spec

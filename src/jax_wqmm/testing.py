@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 
 import jax
-from jax.interpreters import mlir
 
 from . import native
 from .hccl import create_groups, destroy_groups  # re-exported for convenience

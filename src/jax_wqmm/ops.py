@@ -40,13 +40,15 @@ def weight_quant_matmul_all_reduce(
     Args:
       x1: activations, (m, k) or (b, s, k), float16 or bfloat16.
       x2: quantized weight: (k, n) ND, or (n, k) with ``transpose_x2``, or 4-D FRACTAL_NZ
-        storage of either; int8, int4, float8_e5m2, float8_e4m3fn, or uint8 HiFloat8 codes
-        with ``x2_dtype="hifloat8"``.
+        storage of either (int8 / int4 with a per-channel scale); int8, int4, float8_e4m3fn,
+        or uint8 HiFloat8 codes with ``x2_dtype="hifloat8"``.
       antiquant_scale: x1's dtype; (1,) per-tensor, (n,) or (1, n) per-channel, or
-        (ceil(k / antiquant_group_size), n) per-group.
+        (ceil(k / antiquant_group_size), n) per-group; FP8 / HiFloat8: per-channel only.
+        Checked against every product's rules, or one's (``wq.target_product``).
       antiquant_offset: optional, scale's shape and dtype; not with FP8 / HiFloat8 weights.
-      bias: optional (n,), added on every rank before the sum.
-      x3: optional, the output's shape, added on every rank before the sum.
+      bias: optional (n,), x1's dtype, added on every rank before the sum.
+      x3: optional, the output's shape and x1's dtype, added on every rank before the sum.
+        With ``axis_name=None`` under auto-sharded jit, bias and x3 are added once.
       axis_name: mesh axis name(s) to sum over (inside ``jax.shard_map``); None: no sum.
       antiquant_group_size: 0, or the per-group size (a multiple of 32 in [32, k-1]).
 

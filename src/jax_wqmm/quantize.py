@@ -2,7 +2,7 @@
 :func:`dequantize_weight`.
 
 The encodings are the operator's: ``w ~= (q + offset) * scale`` with q int8 / int4 (symmetric:
-no offset) or an 8-bit float (FP8 E4M3FN / E5M2, HiFloat8; always symmetric).
+no offset) or an 8-bit float (FP8 E4M3FN, HiFloat8; always symmetric, per-channel).
 """
 
 from __future__ import annotations

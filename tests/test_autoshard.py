@@ -130,3 +130,18 @@ def test_grads_of_the_auto_sharded_call_equal_the_unsharded(kind):
                        ("bias", got[2], want[2]), ("x3", got[3], want[3])):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         np.testing.assert_allclose(g, w, rtol=0, atol=16 * 2.0**-8 * (np.abs(w).max() + 1), err_msg=name)
+
+
+def test_a_fractal_nz_weight_is_gathered_with_a_warning():
+    """Its 4-D storage has factors of its own in the sharding rule and is never split."""
+    mesh = _mesh("auto")
+    rng = np.random.default_rng(5)
+    qw = wq.quantize_weight(rng.standard_normal((K, N)).astype(np.float32), scale_dtype=jnp.bfloat16)
+    nz = qw.with_layout(format="FRACTAL_NZ")
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    xd = _place(mesh, x, P(None, "tp"))
+    with pytest.warns(RuntimeWarning, match="a FRACTAL_NZ weight cannot be split along k here"):
+        y = jax.jit(wq.quant_matmul)(xd, _place(mesh, nz, jax.tree.map(lambda _: P(), nz)))
+    rank = dict(x1=np.asarray(x), codes=np.asarray(qw.data), scale=np.asarray(qw.scale))
+    want, mag = oracle.wqmm([rank], 0, "int8")
+    oracle.assert_close(y, want, mag, "bfloat16")

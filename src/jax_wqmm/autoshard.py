@@ -23,6 +23,7 @@ import functools
 import math
 import warnings
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -36,21 +37,25 @@ __all__ = ["partitioned", "output_spec"]
 _warned: set = set()
 
 
-def _names(spec: WqmmSpec) -> list[str]:
-    """Shardy factor names per operand (present ones, operator order) and the result."""
+def _factors(spec: WqmmSpec) -> list[list[str]]:
+    """Shardy factor names of each present operand (operator order), then of the result. "g"
+    (per-group scale rows) is split as k is; "p" (size 1) and a FRACTAL_NZ weight's storage
+    dims ("z0".."z3") never are."""
     lead = ["m"] if len(spec.x1_shape) == 2 else ["b", "s"]
-    x1 = lead + ["k"]
-    x2 = ["n", "k"] if spec.transpose_x2 else ["k", "n"]
+    if spec.x2_format == "ND":
+        x2 = ["n", "k"] if spec.transpose_x2 else ["k", "n"]
+    else:
+        x2 = ["z0", "z1", "z2", "z3"]
     scale = {"per_tensor": ["p"], "per_channel": ["n"] if len(spec.scale_shape) == 1 else ["p", "n"],
              "per_group": ["g", "n"]}[spec.granularity]
-    ops = [x1, x2, scale]
+    ops = [lead + ["k"], x2, scale]
     if spec.has_offset:
         ops.append(scale)
     if spec.has_bias:
         ops.append(["n"])
     if spec.has_x3:
         ops.append(lead + ["n"])
-    return [" ".join(o) for o in ops] + [" ".join(lead + ["n"])]
+    return ops + [lead + ["n"]]
 
 
 def _axes(entry) -> tuple:
@@ -70,16 +75,28 @@ def _dim_spec(sharding, dim: int) -> tuple:
     return _axes(spec[dim])
 
 
-def _plan(spec: WqmmSpec, mesh, arg_shapes):
-    """(k axes, n axes, batch axes per lead dim): from x1's k / lead dims and x2's n dim."""
-    x1_sh, x2_sh = arg_shapes[0].sharding, arg_shapes[1].sharding
-    lead = len(spec.x1_shape) - 1
-    k_axes = _dim_spec(x1_sh, lead)
-    batch = [_dim_spec(x1_sh, d) for d in range(lead)]
-    n_axes = _dim_spec(x2_sh, 0 if spec.transpose_x2 else 1)
-    used = set(k_axes).union(*batch)
-    if set(n_axes) & used:
-        n_axes = ()
+def _factor_axes(spec: WqmmSpec, x1_sharding, x2_sharding) -> dict[str, tuple]:
+    """Mesh axes per factor as the inputs are sharded: x1's lead dims and k, x2's n (ND only;
+    dropped where x1's dims use the same axes)."""
+    x1_factors = _factors(spec)[0]
+    axes = {f: _dim_spec(x1_sharding, d) for d, f in enumerate(x1_factors)}
+    n_axes = _dim_spec(x2_sharding, 0 if spec.transpose_x2 else 1) if spec.x2_format == "ND" else ()
+    if not set(n_axes) & set().union(*axes.values()):
+        axes["n"] = n_axes
+    axes["g"] = axes["k"]
+    return axes
+
+
+def _shardings(spec: WqmmSpec, axes: dict[str, tuple]) -> list[P]:
+    """PartitionSpecs of the present operands and of the result for factor -> mesh axes."""
+    return [P(*(_entry(axes.get(f, ())) for f in op)) for op in _factors(spec)]
+
+
+def _plan(spec: WqmmSpec, mesh, arg_shapes) -> dict[str, tuple]:
+    """Factor -> mesh axes for the partitioned call: the inputs' shardings, with k (and g)
+    replicated where a split of k does not map to the operator (warned once)."""
+    axes = _factor_axes(spec, arg_shapes[0].sharding, arg_shapes[1].sharding)
+    k_axes = axes["k"]
     if k_axes:
         size = math.prod(mesh.shape[a] for a in k_axes)
         why = None
@@ -89,7 +106,7 @@ def _plan(spec: WqmmSpec, mesh, arg_shapes):
             why = f"k={spec.k} does not split over {size} devices"
         else:
             try:
-                make_spec(*_local_avals(spec, mesh, arg_shapes, k_axes, n_axes, batch), **spec.options)
+                make_spec(*_local_avals(spec, mesh, arg_shapes, axes), **spec.options)
             except ConstraintError as e:
                 why = str(e)
         if why:
@@ -100,36 +117,14 @@ def _plan(spec: WqmmSpec, mesh, arg_shapes):
                     f"jax_wqmm: k sharded over {k_axes} does not map to the fused operator ({why}); "
                     "gathering k instead (the result is the same, without the fused all-reduce).",
                     RuntimeWarning, stacklevel=2)
-            k_axes = ()
-    return k_axes, n_axes, batch
+            axes = dict(axes, k=(), g=())
+    return axes
 
 
-def _shardings(spec: WqmmSpec, k_axes, n_axes, batch) -> list[P]:
-    """PartitionSpecs of the operands (present ones) and the result for a plan."""
-    k, n, lead = _entry(k_axes), _entry(n_axes), [_entry(b) for b in batch]
-    x1 = P(*lead, k)
-    x2 = P(n, k) if spec.transpose_x2 else P(k, n)
-    if spec.x2_format != "ND":
-        x2 = P(*([None] * len(spec.x2_shape)))
-    scale = {"per_tensor": P(None), "per_channel": P(n) if len(spec.scale_shape) == 1 else P(None, n),
-             "per_group": P(k, n)}[spec.granularity]
-    ops = [x1, x2, scale]
-    if spec.has_offset:
-        ops.append(scale)
-    if spec.has_bias:
-        ops.append(P(n))
-    if spec.has_x3:
-        ops.append(P(*lead, n))
-    return ops + [P(*lead, n)]
-
-
-def _local_avals(spec, mesh, arg_shapes, k_axes, n_axes, batch):
+def _local_avals(spec, mesh, arg_shapes, axes):
     """The operands as one device sees them (ShapeDtypeStructs), absent ones None."""
-    import jax
-
-    specs = _shardings(spec, k_axes, n_axes, batch)[:-1]
     shapes = []
-    for a, p in zip(arg_shapes, specs):
+    for a, p in zip(arg_shapes, _shardings(spec, axes)[:-1]):
         dims = list(a.shape)
         for d, entry in enumerate(p):
             dims[d] //= math.prod(mesh.shape[x] for x in _axes(entry))
@@ -146,8 +141,9 @@ def _partitioned_call(spec: WqmmSpec):
         return wqmm_p.bind(*operands, spec=spec)
 
     def partition(mesh, arg_shapes, result_shape):
-        k_axes, n_axes, batch = _plan(spec, mesh, arg_shapes)
-        specs = _shardings(spec, k_axes, n_axes, batch)
+        axes = _plan(spec, mesh, arg_shapes)
+        k_axes = axes["k"]
+        specs = _shardings(spec, axes)
 
         def lower_fn(*operands):
             x1, x2, scale, offset, bias, x3 = unpack_operands(spec, operands)
@@ -164,7 +160,7 @@ def _partitioned_call(spec: WqmmSpec):
         return (mesh, lower_fn, NamedSharding(mesh, specs[-1]),
                 tuple(NamedSharding(mesh, p) for p in specs[:-1]))
 
-    names = _names(spec)
+    names = [" ".join(op) for op in _factors(spec)]
     call.def_partition(partition=partition, sharding_rule=", ".join(names[:-1]) + " -> " + names[-1],
                        reduction_factors=("k",))
     return call
@@ -189,9 +185,4 @@ def partitioned(rule):
 def output_spec(spec: WqmmSpec, x1_sharding, x2_sharding):
     """The output's PartitionSpec for sharding-in-types (Explicit mesh axes): x1's lead dims,
     x2's n dim; the reduced k is not in it (the operator's all-reduce replicates it)."""
-    lead = len(spec.x1_shape) - 1
-    batch = [_dim_spec(x1_sharding, d) for d in range(lead)]
-    n_axes = _dim_spec(x2_sharding, 0 if spec.transpose_x2 else 1) if spec.x2_format == "ND" else ()
-    if set(n_axes) & set().union(*batch):
-        n_axes = ()
-    return P(*[_entry(b) for b in batch], _entry(n_axes))
+    return _shardings(spec, _factor_axes(spec, x1_sharding, x2_sharding))[-1]

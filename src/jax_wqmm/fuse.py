@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src import core as _core  # subjaxprs: the jaxprs nested in a jaxpr's eqns
 from jax.extend import core as jex_core
 
 from .primitive import wqmm_p
@@ -94,21 +95,8 @@ def _site(eqn) -> str:
 
 def _has_candidate(jaxpr) -> bool:
     """Whether ``jaxpr`` (or one nested in it) has a weight-quantized matmul with no reduction."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is wqmm_p and not eqn.params["spec"].axis_name:
-            return True
-        if any(_has_candidate(j) for j in _sub_jaxprs(eqn)):
-            return True
-    return False
-
-
-def _sub_jaxprs(eqn):
-    for v in eqn.params.values():
-        for j in (v if isinstance(v, (tuple, list)) else (v,)):
-            if isinstance(j, jex_core.ClosedJaxpr):
-                yield j.jaxpr
-            elif isinstance(j, jex_core.Jaxpr):
-                yield j
+    return (any(eqn.primitive is wqmm_p and not eqn.params["spec"].axis_name for eqn in jaxpr.eqns)
+            or any(_has_candidate(j) for j in _core.subjaxprs(jaxpr)))
 
 
 @dataclasses.dataclass
@@ -215,21 +203,18 @@ def _eval(jaxpr, consts, args, rep: FuseReport, manual: frozenset):
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
-    chains = _find_chains(jaxpr, manual, rep) if _has_candidate(jaxpr) else {}
-    done: set = set()
+    chains = _find_chains(jaxpr, manual, rep)
     for i, eqn in enumerate(jaxpr.eqns):
         chain = chains.get(i)
-        if chain is not None and id(chain) not in done:
-            if i == chain.psum:  # every earlier eqn of the chain was deferred to here
-                done.add(id(chain))
-                y = _fused_call(chain, jaxpr, read, rep)
-                if y is not None:
-                    env[eqn.outvars[0]] = y
-                    continue
-                for j in sorted([chain.matmul, *(a for a, _ in chain.adds)]):  # as written
-                    _bind(jaxpr.eqns[j], read, env, rep, manual)
-            else:
+        if chain is not None:
+            if i != chain.psum:
+                continue  # deferred to the chain's psum
+            y = _fused_call(chain, jaxpr, read, rep)
+            if y is not None:
+                env[eqn.outvars[0]] = y
                 continue
+            for j in (chain.matmul, *(a for a, _ in chain.adds)):  # not fused: as written
+                _bind(jaxpr.eqns[j], read, env, rep, manual)
         _bind(eqn, read, env, rep, manual)
     return [read(v) for v in jaxpr.outvars]
 

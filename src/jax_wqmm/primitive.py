@@ -24,7 +24,7 @@ from jax._src import core as _core  # NamedAxisEffect, axis env: as lax.psum use
 from jax._src import config as _config  # check_vma, as lax.psum reads it
 from jax._src import dispatch as _dispatch
 
-from . import reference
+from . import autoshard, reference
 from .spec import WqmmSpec, pack_operands, respec, unpack_operands
 
 __all__ = ["wqmm_p", "bind", "vma_of", "reconcile_varying", "unbound_axes", "reference_lowering",
@@ -75,8 +75,7 @@ def _abstract_eval(*avals, spec: WqmmSpec):
     varying = frozenset().union(*(a.mat.varying for a in avals))
     out_mat = x1.mat.update(varying=varying - frozenset(spec.axis_name))
     # Sharding in types (Explicit mesh axes): x1's lead dims and x2's n; k is reduced.
-    from .autoshard import output_spec
-    sharding = x1.sharding.update(spec=output_spec(spec, x1.sharding, avals[1].sharding))
+    sharding = x1.sharding.update(spec=autoshard.output_spec(spec, x1.sharding, avals[1].sharding))
     out = x1.update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype), manual_axis_type=out_mat,
                     sharding=sharding)
     return out, {_core.NamedAxisEffect(a) for a in spec.axis_name}
@@ -100,8 +99,6 @@ reference_lowering = mlir.lower_fun(_reference_impl, multiple_results=False)
 def register_lowering(rule, platform: str | None = None) -> None:
     """Registers ``rule`` as the op's lowering on ``platform`` (None: every platform), behind
     the auto-sharding partitioner (jax_wqmm.autoshard): one place for every lowering."""
-    from . import autoshard
-
     # not cacheable: an auto-sharded lowering needs the module's device assignment, which
     # jax strips from cached lowerings
     mlir.register_lowering(wqmm_p, autoshard.partitioned(rule), platform=platform, cacheable=False)

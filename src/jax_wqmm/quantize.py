@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from . import formats, reference
-from .spec import FP8_LIKE, WEIGHT_DTYPES, ConstraintError, check_group_size, make_spec
+from .spec import WEIGHT_DTYPES, ConstraintError, WqmmSpec, check_group_size, make_spec
 
 __all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight", "check_tensor_parallel"]
 
@@ -68,6 +68,16 @@ class QuantizedWeight:
         return dict(antiquant_group_size=self.group_size, transpose_x2=self.transpose,
                     x2_format=self.format, x2_dtype="hifloat8" if self.dtype == "hifloat8" else None)
 
+    def spec(self) -> WqmmSpec:
+        """The operator's validated description of this weight (against one row of x in the
+        scale's dtype, or bfloat16): raises ConstraintError where the operator would not take
+        it."""
+        k, _ = self.shape
+        act = self.scale.dtype if self.scale.dtype in (jnp.float16, jnp.bfloat16) else jnp.bfloat16
+        like = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, act)
+        return make_spec(jax.ShapeDtypeStruct((1, k), act), self.data, like(self.scale), like(self.offset),
+                         **self.call_options)
+
     def logical_data(self) -> jax.Array:
         """The (k, n) ND, untransposed quantized values (HiFloat8: uint8 codes)."""
         x = self.data
@@ -83,18 +93,14 @@ class QuantizedWeight:
         (e.g. FRACTAL_NZ is per-channel int8 / int4 only)."""
         if format not in ("ND", "FRACTAL_NZ"):
             raise ValueError(f"format={format!r}: must be 'ND' or 'FRACTAL_NZ'")
-        if format == "FRACTAL_NZ" and self.dtype in FP8_LIKE:
-            raise ConstraintError("x2_format", format, f"only int8 and int4 weights may be FRACTAL_NZ, not {self.dtype}")
-        if format == "FRACTAL_NZ" and (self.group_size or self.scale.size == 1):
-            gran = "per_group" if self.group_size else "per_tensor"
-            raise ConstraintError("x2_format", format, f"a FRACTAL_NZ weight with a {gran} scale is not "
-                                  "taken on any product: FRACTAL_NZ takes per_channel only")
         x = self.logical_data()
         if transpose:
             x = x.T
         if format == "FRACTAL_NZ":
             x = formats.to_fractal_nz(x)
-        return dataclasses.replace(self, data=x, transpose=bool(transpose), format=format)
+        out = dataclasses.replace(self, data=x, transpose=bool(transpose), format=format)
+        out.spec()  # the operator's rules for the new layout
+        return out
 
 
 def quantize_weight(
@@ -227,7 +233,4 @@ def _round_up(x: jax.Array, dtype) -> jax.Array:
 
 def dequantize_weight(qw: QuantizedWeight) -> jax.Array:
     """(k, n) float32 ``(q + offset) * scale`` of a :class:`QuantizedWeight` (any layout)."""
-    k, n = qw.shape
-    spec = make_spec(jax.ShapeDtypeStruct((1, k), qw.scale.dtype), qw.data, qw.scale, qw.offset,
-                     **qw.call_options)
-    return reference.dequantize(qw.data, qw.scale, qw.offset, spec, dtype=jnp.float32)
+    return reference.dequantize(qw.data, qw.scale, qw.offset, qw.spec(), dtype=jnp.float32)

@@ -112,16 +112,15 @@ def _round_to_jvp(dtype, primals, tangents):
 def dequantize(x2, scale, offset, spec: WqmmSpec, dtype=None) -> jax.Array:
     """(k, n) weight ``(x2 + offset) * scale`` rounded as the kernel does for x1's dtype (module
     docstring), in x1's dtype; ``dtype=jnp.float32``: the exact value, unrounded."""
-    q = weight_matrix(x2, spec)
+    q = weight_matrix(x2, spec)  # exact
+    if offset is not None:
+        q = q + expand_quant_param(offset, spec).astype(jnp.float32)
     s = expand_quant_param(scale, spec).astype(jnp.float32)
-    o = None if offset is None else expand_quant_param(offset, spec).astype(jnp.float32)
     if dtype is not None and jnp.dtype(dtype) == jnp.float32:
-        return (q if o is None else q + o) * s
+        return q * s
     if spec.act_dtype == "float16":
-        w = round_to(round_to(q if o is None else q + o, "float16") * s, "float16")
-    else:
-        w = round_to((q if o is None else q + o) * s, spec.act_dtype)
-    return w.astype(dtype or spec.act_dtype)
+        q = round_to(q, "float16")
+    return round_to(q * s, spec.act_dtype).astype(dtype or spec.act_dtype)
 
 
 def matmul_f32(x: jax.Array, w: jax.Array, out_sharding=None) -> jax.Array:

@@ -32,7 +32,6 @@ __all__ = [
     "PRODUCTS",
     "WEIGHT_DTYPES",
     "FP8_LIKE",
-    "SUPPORTED_AXIS_SIZES",
     "nz_c0",
 ]
 
@@ -120,8 +119,6 @@ def _union_product() -> Product:
 
 
 ANY_PRODUCT = _union_product()
-#: World sizes the fused kernel supports on Atlas A2 (HCCS full mesh).
-SUPPORTED_AXIS_SIZES = PRODUCTS["atlas_a2"].world_sizes
 
 
 class ConstraintError(ValueError):
@@ -505,10 +502,10 @@ def _product_name(name: Any) -> str:
     return name
 
 
-def check_product(spec: WqmmSpec, product: str | None, world_size: int | None = None) -> None:
+def check_product(spec: WqmmSpec, product: str | None) -> None:
     """Raises :class:`ConstraintError` when ``product``'s kernel would reject ``spec``
-    (None: when no product's kernel takes it). ``world_size``: the ranks of the reduction,
-    checked when given. The message names the product."""
+    (None: when no product's kernel takes it). The message names the product. (World sizes
+    are not an error: the native lowering falls back outside ``Product.world_sizes``.)"""
     p = ANY_PRODUCT if product is None else PRODUCTS[_product_name(product)]
     on = f"on {p.title}" if product else f"on any product ({', '.join(q.title for q in PRODUCTS.values())})"
     wd = spec.weight_dtype
@@ -519,8 +516,6 @@ def check_product(spec: WqmmSpec, product: str | None, world_size: int | None = 
         _fail("antiquant_scale", f"shape {spec.scale_shape}",
               f"a {spec.granularity} scale with {wd} weights is not taken {on}: "
               f"{wd} takes {', '.join(g for g in GRANULARITIES if g in p.granularities[wd])} only")
-    if spec.has_offset and wd in FP8_LIKE:
-        _fail("antiquant_offset", f"shape {spec.scale_shape}", f"must be None with {wd} weights")
     if spec.x2_format == "FRACTAL_NZ":
         allowed = p.nz_granularities.get(wd, frozenset())
         if not allowed:
@@ -535,10 +530,6 @@ def check_product(spec: WqmmSpec, product: str | None, world_size: int | None = 
             if v % align:
                 _fail("x2", f"shape {spec.x2_shape}",
                       f"{name}={v}: per-group {wd} weights need n and k multiples of {align} {on}")
-    if world_size is not None and world_size not in p.world_sizes:
-        _fail("axis_name", spec.axis_name,
-              f"spans {world_size} devices; the kernel {on} runs on "
-              f"{', '.join(map(str, sorted(p.world_sizes)))} ranks")
 
 
 def _target_state():

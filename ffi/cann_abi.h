@@ -40,6 +40,9 @@ enum aclFormat : int32_t {
 constexpr aclnnStatus ACLNN_SUCCESS = 0;
 constexpr aclnnStatus ACLNN_ERR_PARAM_NULLPTR = 161001;
 constexpr aclnnStatus ACLNN_ERR_PARAM_INVALID = 161002;
+constexpr aclnnStatus ACLNN_ERR_INNER = 561000;             // any failure of the second stage
+constexpr aclnnStatus ACLNN_ERR_INNER_TILING_ERROR = 561002;  // a tiling check (code unconfirmed)
+constexpr aclnnStatus ACLNN_ERR_INNER_NULLPTR = 561103;
 constexpr HcclResult HCCL_SUCCESS = 0;
 constexpr int HCCL_ROOT_INFO_BYTES = 4108;
 constexpr int HCCL_COMM_NAME_MAX = 128;

@@ -73,23 +73,6 @@ WQMM_INLINE float F16ToF32(uint16_t h) {
   return FromBits(u);
 }
 
-WQMM_INLINE uint16_t F32ToF16(float f) {  // round to nearest even
-  uint32_t u = Bits(f);
-  uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(s | 0x7e00u);
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(s | 0x7c00u);  // >= 65520: inf
-  if (a < 0x38800000u) {                                            // subnormal or zero
-    float q = FromBits(a) * 16777216.0f;  // 2^24: exact scaling, then round to an integer
-    uint32_t r = static_cast<uint32_t>(__builtin_nearbyintf(q));
-    return static_cast<uint16_t>(s | r);
-  }
-  uint32_t e = (a >> 23) - 127 + 15, mant = a & 0x7fffffu;
-  uint32_t h = (e << 10) | (mant >> 13);
-  uint32_t rest = mant & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(s | h);
-}
-
 // f rounded to float16 (nearest even; subnormals, overflow to inf), as a float. Branch-free:
 // vectorizes in simd loops.
 WQMM_INLINE float RoundF16(float f) {
@@ -114,6 +97,8 @@ WQMM_INLINE uint16_t F16BitsOfExact(float f) {
   h = a >= 0x7f800000u ? (a > 0x7f800000u ? 0x7e00u : 0x7c00u) : h;  // NaN, inf
   return static_cast<uint16_t>(sign | h);
 }
+
+WQMM_INLINE uint16_t F32ToF16(float f) { return F16BitsOfExact(RoundF16(f)); }  // nearest even
 
 // ---- the contract
 

@@ -144,9 +144,9 @@ std::string StatusName(aclnnStatus s) {
   switch (s) {
     case ACLNN_ERR_PARAM_NULLPTR: return "ACLNN_ERR_PARAM_NULLPTR";
     case ACLNN_ERR_PARAM_INVALID: return "ACLNN_ERR_PARAM_INVALID";
-    case 561000: return "ACLNN_ERR_INNER";
-    case 561002: return "ACLNN_ERR_INNER_TILING_ERROR";
-    case 561103: return "ACLNN_ERR_INNER_NULLPTR";
+    case ACLNN_ERR_INNER: return "ACLNN_ERR_INNER";
+    case ACLNN_ERR_INNER_TILING_ERROR: return "ACLNN_ERR_INNER_TILING_ERROR";
+    case ACLNN_ERR_INNER_NULLPTR: return "ACLNN_ERR_INNER_NULLPTR";
     default: return "aclnnStatus";
   }
 }

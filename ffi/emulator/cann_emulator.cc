@@ -45,7 +45,6 @@ struct aclTensor {
 
 namespace {
 
-constexpr aclnnStatus ACLNN_ERR_INNER = 561000;
 
 std::atomic<int64_t> g_live_tensors{0};
 std::atomic<int64_t> g_live_executors{0};
@@ -56,7 +55,6 @@ std::atomic<int64_t> g_timeout_ms{30000};
 thread_local std::string t_error;
 thread_local std::string t_error_out;
 thread_local int32_t t_device = -1;
-constexpr aclnnStatus ACLNN_ERR_INNER_TILING_ERROR = 561002;  // not confirmed (see the header)
 
 // The emulated SoC (aclrtGetSocName) and the product rules it selects.
 enum class Product { kAtlasA2, kAscend950, kAtlasA3, k310P, kUnknown };
@@ -80,17 +78,6 @@ aclnnStatus Fail(aclnnStatus code, const std::string& msg) {
 
 // ------------------------------------------------------------------ number formats
 
-float Bits2Float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-uint32_t Float2Bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-
 using jax_wqmm::Bf16ToF32;
 using jax_wqmm::F16ToF32;
 using jax_wqmm::F32ToBf16;
@@ -100,14 +87,6 @@ float Fp8E4M3FN(uint8_t c) {
   int s = c >> 7, e = (c >> 3) & 0xf, m = c & 7;
   if (e == 15 && m == 7) return NAN;
   float v = e == 0 ? std::ldexp(m / 8.0f, -6) : std::ldexp(1.0f + m / 8.0f, e - 7);
-  return s ? -v : v;
-}
-
-float Fp8E5M2(uint8_t c) {
-  int s = c >> 7, e = (c >> 2) & 0x1f, m = c & 3;
-  float v;
-  if (e == 31) v = m ? NAN : INFINITY;
-  else v = e == 0 ? std::ldexp(m / 4.0f, -14) : std::ldexp(1.0f + m / 4.0f, e - 15);
   return s ? -v : v;
 }
 
@@ -151,17 +130,8 @@ float ReadWeight(const aclTensor* t, int64_t i) {
       return static_cast<float>(v >= 8 ? v - 16 : v);
     }
     case ACL_FLOAT8_E4M3FN: return Fp8E4M3FN(p[i]);
-    case ACL_FLOAT8_E5M2: return Fp8E5M2(p[i]);
     case ACL_HIFLOAT8: return HiFloat8(p[i]);
     default: return NAN;
-  }
-}
-
-float RoundTo(aclDataType dt, float v) {
-  switch (dt) {
-    case ACL_FLOAT16: return F16ToF32(F32ToF16(v));
-    case ACL_BF16: return Bf16ToF32(F32ToBf16(v));
-    default: return v;
   }
 }
 
@@ -189,9 +159,6 @@ std::string Dims(const std::vector<int64_t>& d) {
 }
 
 bool IsAct(aclDataType t) { return t == ACL_FLOAT16 || t == ACL_BF16; }
-bool IsFp8Like(aclDataType t) {
-  return t == ACL_FLOAT8_E5M2 || t == ACL_FLOAT8_E4M3FN || t == ACL_HIFLOAT8;
-}
 
 // ------------------------------------------------------------------ HCCL groups
 
@@ -270,16 +237,11 @@ aclnnStatus AllReduce(Group& g, int rank, aclDataType out_dtype, std::vector<flo
   g.contributions[rank] = *data;
   g.present[rank] = true;
   if (++g.arrived == g.size) {
-    auto sum = std::make_shared<std::vector<float>>(data->size(), 0.0f);
+    auto sum = std::make_shared<std::vector<float>>();
     g.result_error.clear();
-    for (int r = 0; r < g.size; ++r) {
-      if (g.contributions[r].size() != sum->size()) {
-        g.result_error = "all-reduce on group " + g.name + ": ranks disagree on the element count";
-        break;
-      }
-      for (size_t i = 0; i < sum->size(); ++i) (*sum)[i] += g.contributions[r][i];
+    if (!jax_wqmm::emu::SumRanks(g.contributions, out_dtype, sum.get())) {
+      g.result_error = "all-reduce on group " + g.name + ": ranks disagree on the element count";
     }
-    for (float& v : *sum) v = RoundTo(out_dtype, v);
     g.result = sum;
     g.arrived = 0;
     std::fill(g.present.begin(), g.present.end(), false);

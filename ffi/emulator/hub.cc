@@ -116,16 +116,10 @@ struct Hub {
   }
 
   void Complete() {
-    std::vector<float> sum(parts[0].size(), 0.0f);
-    for (int r = 0; r < nranks; ++r) {
-      if (parts[r].size() != sum.size()) {
-        FailRound("failed: ranks disagree on the element count");
-        return;
-      }
-      for (size_t i = 0; i < sum.size(); ++i) sum[i] += parts[r][i];
-    }
-    if (dtype == ACL_FLOAT16 || dtype == ACL_BF16) {
-      for (float& v : sum) v = RoundOut(dtype == ACL_FLOAT16, v);
+    std::vector<float> sum;
+    if (!SumRanks(parts, dtype, &sum)) {
+      FailRound("failed: ranks disagree on the element count");
+      return;
     }
     for (int r = 0; r < nranks; ++r) Reply(r, "", &sum);
     pending = false;
@@ -233,6 +227,18 @@ struct Hub {
 };
 
 }  // namespace
+
+bool SumRanks(const std::vector<std::vector<float>>& parts, int32_t dtype, std::vector<float>* sum) {
+  sum->assign(parts.empty() ? 0 : parts[0].size(), 0.0f);
+  for (const auto& part : parts) {
+    if (part.size() != sum->size()) return false;
+    for (size_t i = 0; i < sum->size(); ++i) (*sum)[i] += part[i];
+  }
+  if (dtype == ACL_FLOAT16 || dtype == ACL_BF16) {
+    for (float& v : *sum) v = RoundOut(dtype == ACL_FLOAT16, v);
+  }
+  return true;
+}
 
 bool IsHubId(const std::string& id) { return id.rfind("hub:", 0) == 0; }
 

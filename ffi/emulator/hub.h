@@ -13,6 +13,11 @@
 
 namespace jax_wqmm::emu {
 
+// The emulator's all-reduce arithmetic, in and across processes: `parts` (one per rank) summed
+// in rank order into *sum, rounded to the output dtype (ACL code; float32: not rounded).
+// False when the ranks disagree on the element count.
+bool SumRanks(const std::vector<std::vector<float>>& parts, int32_t dtype, std::vector<float>* sum);
+
 // Starts a hub for a group of `nranks`; returns its id ("hub:<port>:<nonce>", unique per call,
 // so root info from an earlier run never names a live hub), or "" with *error set.
 // timeout_ms: how long a round (or the join) waits for the missing ranks.

@@ -336,17 +336,11 @@ def test_create_groups_across_processes_needs_jax_distributed(emu, monkeypatch):
 
 # ----------------------------------------------------------------------------- across processes
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(tmp_path, mode, timeout=300):
     import json
     from pathlib import Path
+
+    from test_layers import _free_port
 
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -434,6 +434,10 @@ void Matmul(const Problem& p, const Workers& workers) {
     const std::vector<uint32_t> xp = PairActivations(p);
     SplitK(workers, p, threads, y.data(),
            [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
+  } else if (Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16TCovers(p)) {  // columns along k: split them
+    const std::vector<uint16_t> x = PadActivations(p);
+    ParallelFor(workers, p.n, 64, threads,
+                [&](int64_t c0, int64_t c1) { DecodeBf16T(p, x.data(), y.data(), c0, c1); });
   } else {
     QuantParams q = MakeQuantParams(p);
     std::vector<float> x(p.m * p.k);

@@ -1,6 +1,7 @@
 #include "decode_bf16.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "numerics.h"
@@ -66,41 +67,76 @@ WQMM_INLINE __mmask32 ByteMask(int64_t bytes) {
   return bytes >= 32 ? ~__mmask32{0} : bytes <= 0 ? __mmask32{0} : (__mmask32{1} << bytes) - 1;
 }
 
+// Two rows' dequantized float32 values of 16 lanes (pa, pb) rounded to bf16 (nearest even,
+// vcvtne2ps2bf16: the kernel's single rounding for bf16 activations, numerics.h) as pairs
+// (pa[l], pb[l]) per 32-bit lane.
+WQMM_BF16 WQMM_INLINE __m512i RoundPairs(__m512 pa, __m512 pb) {
+  // words 0..15 from pa, 16..31 from pb; interleave
+  const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(pb, pa);
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(pairs, ab);
+}
+
 // Dequantizes two rows' codes of 16 lanes (float32 values fa, fb) with the lanes' scale and
-// offset and returns them as bf16 pairs (fa[l], fb[l]) per 32-bit lane: the kernel's rounding
-// for bf16 activations (numerics.h: float32 math, one round to nearest even).
+// offset: float32 math, one rounding (numerics.h), as bf16 pairs.
 template <bool kOffset>
 WQMM_BF16 WQMM_INLINE __m512i DequantPairs(__m512 fa, __m512 fb, __m512 s, __m512 o) {
   if constexpr (kOffset) {
     fa = _mm512_add_ps(fa, o);
     fb = _mm512_add_ps(fb, o);
   }
-  // vcvtne2ps2bf16 rounds to nearest even: words 0..15 from fa, 16..31 from fb; interleave
-  const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(fb, s), _mm512_mul_ps(fa, s));
-  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(pairs, ab);
+  return RoundPairs(_mm512_mul_ps(fa, s), _mm512_mul_ps(fb, s));
+}
+
+// q * s for int8 codes q (int32 lanes) in one multiply-add and no conversion: the float with
+// the bits of kMagicBits + q is kMagic + q exactly (kMagic = 1.5 * 2^23, one unit in the last
+// place), and fma(kMagic + q, s, -kMagic * s) rounds the exact q * s once, which a float
+// holds (8 bits times 8). ms = -kMagic * s, exact where SafeForMagic holds.
+constexpr int32_t kMagicBits = 0x4B400000;
+constexpr float kMagic = 12582912.0f;
+WQMM_BF16 WQMM_INLINE __m512 MagicProducts(__m512i q, __m512 s, __m512 ms) {
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), s, ms);
 }
 
 // The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, dequantized, from rows a (k)
 // and b (k + 1) at the tile's first column j, as four vectors of 16 lanes. int8 lanes are in
 // column order (vector v: columns j + 16v ...); int4 lanes are not (ColumnOrder restores the
-// sums' order). sl / ol: the tile's scale and offset in the same lane order (LaneOrder).
-// cols < 64 only at the ragged end (masked loads: zero codes, whose sums are never stored).
-template <bool kInt4, bool kOffset>
+// sums' order). sl / ol: the tile's scale and offset in the same lane order (LaneOrder); int8
+// without an offset takes -kMagic * scale in ol instead (MagicProducts). kFull: a whole tile
+// (plain loads, which fold into the conversions); else cols < 64 at the ragged end (masked
+// loads: zero codes, whose sums are never stored).
+template <bool kInt4, bool kOffset, bool kFull>
 WQMM_BF16 WQMM_INLINE void PairCodes(const uint8_t* a, const uint8_t* b, int64_t cols, const float* sl,
                                      const float* ol, __m512i out[kVectors]) {
   if constexpr (!kInt4) {
     for (int v = 0; v < kVectors; ++v) {
-      const __mmask16 mask = LaneMask(cols - 16 * v);
-      const __m512 fa = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * v)));
-      const __m512 fb = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * v)));
-      out[v] = DequantPairs<kOffset>(fa, fb, _mm512_load_ps(sl + 16 * v),
-                                     kOffset ? _mm512_load_ps(ol + 16 * v) : _mm512_setzero_ps());
+      __m512i ia, ib;
+      if constexpr (kFull) {
+        ia = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 16 * v)));
+        ib = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * v)));
+      } else {
+        const __mmask16 mask = LaneMask(cols - 16 * v);
+        ia = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + 16 * v));
+        ib = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, b + 16 * v));
+      }
+      const __m512 s = _mm512_load_ps(sl + 16 * v), o = _mm512_load_ps(ol + 16 * v);
+      if constexpr (kOffset) {
+        out[v] = DequantPairs<true>(_mm512_cvtepi32_ps(ia), _mm512_cvtepi32_ps(ib), s, o);
+      } else {
+        out[v] = RoundPairs(MagicProducts(ia, s, o), MagicProducts(ib, s, o));
+      }
     }
   } else {
-    const __mmask32 mask = ByteMask(cols / 2);
-    const __m256i va = _mm256_maskz_loadu_epi8(mask, a), vb = _mm256_maskz_loadu_epi8(mask, b);
+    __m256i va, vb;
+    if constexpr (kFull) {
+      va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+      vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    } else {
+      const __mmask32 mask = ByteMask(cols / 2);
+      va = _mm256_maskz_loadu_epi8(mask, a);
+      vb = _mm256_maskz_loadu_epi8(mask, b);
+    }
     // Byte a_i holds columns 2i (low nibble) and 2i + 1 (high). Interleaved within 128-bit
     // lanes, lo = a0 b0 .. a7 b7 | a16 b16 .. a23 b23 and hi = bytes 8..15 | 24..31: as words,
     // the pairs (a_i, b_i), whose nibbles the table turns into bf16.
@@ -148,6 +184,7 @@ WQMM_BF16 WQMM_INLINE __m512 LoadBf16(const uint16_t* p, __mmask16 mask) {
 
 // The scale and offset of one group's columns, as floats in the lane order of PairCodes,
 // tile by tile (kTile floats per tile). ol is null without an offset.
+// ol holds the offset, or for int8 without one -kMagic * scale (MagicProducts).
 struct Group {
   const float* sl = nullptr;
   const float* ol = nullptr;
@@ -171,7 +208,7 @@ struct Out {
 
 // MR rows of x by one tile: the sums over the panel's pairs in registers, then added to y.
 // Direct blocks dequantize their codes as they go; built ones read the panel's pairs.
-template <bool kInt4, bool kOffset, int MR, bool kBuilt>
+template <bool kInt4, bool kOffset, int MR, bool kBuilt, bool kFull>
 WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
   constexpr int NV = kVectors;
   __m512 acc[MR][NV];
@@ -188,7 +225,7 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
       for (int v = 0; v < NV; ++v) b[v] = t.pairs[kp * t.pair_stride + v];
     } else {  // an odd last row pairs with itself; its x partner is the zero padding
       const uint8_t* a = t.w + 2 * kp * t.stride;
-      PairCodes<kInt4, kOffset>(a, 2 * kp + 1 < t.rows ? a + t.stride : a, t.cols, t.sl, t.ol, b);
+      PairCodes<kInt4, kOffset, kFull>(a, 2 * kp + 1 < t.rows ? a + t.stride : a, t.cols, t.sl, t.ol, b);
     }
 #pragma GCC unroll 8
     for (int rr = 0; rr < MR; ++rr) {
@@ -217,17 +254,20 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
 template <bool kInt4, bool kOffset>
 WQMM_BF16 WQMM_INLINE void DirectRows(int64_t mr, const Tile& t, const Out& o) {
   static_assert(kDirectRows == 2);
-  return mr == 1 ? Block<kInt4, kOffset, 1, false>(t, o) : Block<kInt4, kOffset, 2, false>(t, o);
+  if (t.cols == kTile) {
+    return mr == 1 ? Block<kInt4, kOffset, 1, false, true>(t, o) : Block<kInt4, kOffset, 2, false, true>(t, o);
+  }
+  return mr == 1 ? Block<kInt4, kOffset, 1, false, false>(t, o) : Block<kInt4, kOffset, 2, false, false>(t, o);
 }
 
 template <bool kInt4>
 WQMM_BF16 WQMM_INLINE void BuiltRows(int64_t mr, const Tile& t, const Out& o) {
   static_assert(kBuiltRows == 4);
   switch (mr) {  // built pairs are dequantized already: the offset flag does not matter
-    case 1: return Block<kInt4, false, 1, true>(t, o);
-    case 2: return Block<kInt4, false, 2, true>(t, o);
-    case 3: return Block<kInt4, false, 3, true>(t, o);
-    default: return Block<kInt4, false, 4, true>(t, o);
+    case 1: return Block<kInt4, false, 1, true, true>(t, o);
+    case 2: return Block<kInt4, false, 2, true, true>(t, o);
+    case 3: return Block<kInt4, false, 3, true, true>(t, o);
+    default: return Block<kInt4, false, 4, true, true>(t, o);
   }
 }
 
@@ -247,8 +287,9 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
     const uint8_t* b = 2 * kp + 1 < rows ? a + stride : a;  // an odd last row pairs with itself
     for (int64_t jt = 0; jt < tiles; ++jt) {
       const int64_t j = jt * kTile, at = kInt4 ? j / 2 : j;
-      PairCodes<kInt4, kOffset>(a + at, b + at, std::min(kTile, p.n - j), g.sl + kTile * jt,
-                                kOffset ? g.ol + kTile * jt : nullptr, buf + kVectors * (kp * tiles + jt));
+      __m512i* out = buf + kVectors * (jt * pairs + kp);  // tile by tile: blocks read them in order
+      if (j + kTile <= p.n) PairCodes<kInt4, kOffset, true>(a + at, b + at, kTile, g.sl + kTile * jt, g.ol + kTile * jt, out);
+      else PairCodes<kInt4, kOffset, false>(a + at, b + at, p.n - j, g.sl + kTile * jt, g.ol + kTile * jt, out);
     }
   }
   // Direct panels read their rows side by side: the same columns of the next panel's rows are
@@ -260,8 +301,8 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
       _mm_prefetch(reinterpret_cast<const char*>(w0 + (rows + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
     }
     const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
-                 build ? buf + kVectors * jt : nullptr, kVectors * tiles, xp + r0 / 2, kpairs,
-                 g.sl + kTile * jt, kOffset ? g.ol + kTile * jt : nullptr};
+                 build ? buf + kVectors * pairs * jt : nullptr, kVectors, xp + r0 / 2, kpairs,
+                 g.sl + kTile * jt, g.ol + kTile * jt};
     const int64_t block = build ? kBuiltRows : kDirectRows;
     for (int64_t r = 0; r < p.m; r += block) {
       Tile tr = t;
@@ -291,19 +332,26 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   const auto* offset = static_cast<const uint16_t*>(p.offset);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span), row = p.group_size ? g0 / p.group_size * n : 0;
+    bool magic = !kInt4 && !kOffset;  // int8 without an offset: MagicProducts where it is exact
     for (int64_t jt = 0; jt < tiles; ++jt) {
       for (int v = 0; v < kVectors; ++v) {
         for (int l = 0; l < 16; ++l) {
           const int64_t c = std::min(n - 1, jt * kTile + LaneColumn(kInt4, v, l));
           const int64_t i = p.per_tensor() ? 0 : row + c;
-          sl[jt * kTile + 16 * v + l] = Bf16ToF32(scale[i]);
-          ol[jt * kTile + 16 * v + l] = kOffset ? Bf16ToF32(offset[i]) : 0.0f;
+          const float s = Bf16ToF32(scale[i]);
+          sl[jt * kTile + 16 * v + l] = s;
+          ol[jt * kTile + 16 * v + l] = kOffset ? Bf16ToF32(offset[i]) : kInt4 ? 0.0f : -kMagic * s;
+          magic = magic && std::fabs(s) < 0x1p100f;  // kMagic * s exact and finite
         }
       }
     }
+    const bool plain = !kOffset && !kInt4 && !magic;  // int8 with huge scales: offset 0 instead
+    if (plain) std::fill(ol, ol + tiles * kTile, 0.0f);
     const Group g{sl, ol};
     for (int64_t r0 = g0; r0 < g1; r0 += panel) {
-      Panel<kInt4, kOffset>(p, xp, r0, std::min(panel, g1 - r0), g, y, buf);
+      const int64_t rows = std::min(panel, g1 - r0);
+      if (kOffset || plain) Panel<kInt4, true>(p, xp, r0, rows, g, y, buf);
+      else Panel<kInt4, false>(p, xp, r0, rows, g, y, buf);
     }
   }
 }

@@ -1,5 +1,5 @@
-// The decode kernel for bf16 activations on CPUs with AVX-512 BF16: y = x1 @ W over a k
-// slice, W in ND storage (int8, or packed int4 with an even n). The integer codes are
+// The decode kernels for bf16 activations on CPUs with AVX-512 BF16. DecodeBf16: y = x1 @ W
+// over a k slice, W in ND storage (int8, or packed int4 with an even n). The integer codes are
 // dequantized as the Ascend kernel rounds them (numerics.h: float32 math, one round to bf16,
 // vcvtne2ps2bf16) straight into bf16 pairs along k, and so are the bf16 activations, so one
 // vdpbf16ps does two k of sixteen columns with float32 accumulation.
@@ -23,6 +23,17 @@ std::vector<uint32_t> PairActivations(const Problem& p);
 // y (m, n), overwritten = x1[:, k0:k1] @ ((x2 + offset) * scale)[k0:k1, :], in float32.
 // k0 is a multiple of the group size (per-group) or of 16; xp comes from PairActivations.
 void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1);
+
+// Transposed storage (x2 as (n, k); int4 with an even k; groups of a multiple of 32):
+// decode_bf16_t.cc.
+bool DecodeBf16TCovers(const Problem& p);
+
+// x1 (m, k) bf16 with each row padded with zeros to a multiple of 32.
+std::vector<uint16_t> PadActivations(const Problem& p);
+
+// y[:, c0:c1] = x1 @ ((x2 + offset) * scale)[:, c0:c1], in float32 (the rest of y untouched);
+// x comes from PadActivations.
+void DecodeBf16T(const Problem& p, const uint16_t* x, float* y, int64_t c0, int64_t c1);
 
 }  // namespace jax_wqmm::cpu
 

@@ -61,12 +61,18 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
 @pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 32),
                                     ("per_group", 96)])
 @pytest.mark.parametrize("off", [False, True])
-def test_bf16_decode_kernel(m, wd, n, gran, g, off):
-    """ND weights with bfloat16 activations: on AVX-512 BF16 machines the dot-product kernel
-    (codes converted tile by tile for m <= 2, else a panel's pairs built first). k = 417
-    is odd and leaves groups of 96 split over panels; n is not a multiple of the 32-column tile."""
+@pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
+def test_bf16_decode_kernel(m, wd, n, gran, g, off, tr):
+    """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: codes
+    converted tile by tile for m <= 2, else a panel's pairs built first; k = 417 is odd and
+    leaves groups of 96 split over panels; n is not a multiple of the 64-column tile.
+    Transposed: 32 k of a column per vector (int4 through a table per column and group); k =
+    417 (int8) and 418 (int4, whose columns must start on bytes) end in a partial vector, n in
+    a partial block of four columns, and m > 4 takes the chunked path."""
+    k = 418 if tr and wd == "int4" else 417
     case = make_case(np.random.default_rng(m * 7 + len(gran)), weight_dtype=wd, granularity=gran,
-                     offset=off, bias=True, x3=True, lead=(m,), k=417, n=n, group_size=g or 64)
+                     offset=off, bias=True, x3=True, lead=(m,), k=k, n=n, group_size=g or 64,
+                     transpose=tr)
     f, text = _lowered(case)
     assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
     expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)

@@ -121,6 +121,24 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
                                           err_msg=f"{lowering}, rows {rows}")
 
 
+@pytest.mark.parametrize("layout", ["ND", "T"])
+def test_huge_scales_round_as_the_kernel(layout):
+    """int8 without an offset computes q * s as fma(kMagic + q, s, -kMagic * s) where that is
+    exact; scales of 2^100 and beyond take the plain multiply. Both are the kernel's rule."""
+    case, _ = _weight_case("int8", "per_channel", False, "bfloat16", layout)
+    n = case.oracle["scale"].shape[-1]
+    scale = (2.0 ** np.linspace(95, 115, n)).astype(ml_dtypes.bfloat16)
+    case.oracle["scale"] = scale
+    args = case.args[:2] + (scale,) + case.args[3:]
+    want = oracle.kernel_dequantize(oracle.decode(case.oracle["codes"], "int8"),
+                                    oracle.expand(scale.astype(np.float64), 64, n, 0), None, "bfloat16")
+    eye = np.eye(64).astype(ml_dtypes.bfloat16)
+    for rows in (slice(0, 64), slice(5, 7), slice(63, 64)):
+        f = jax.jit(lambda *a: wq.weight_quant_matmul_all_reduce(*a, **case.kwargs))
+        got = np.asarray(f(*map(jnp.asarray, (eye[rows],) + args[1:3])))
+        np.testing.assert_array_equal(_bits(got, "bfloat16"), _bits(want[rows], "bfloat16"), err_msg=f"rows {rows}")
+
+
 def test_the_rule_is_not_single_rounding():
     """The float16 rule rounds q + o first: a single rounding of (q + o) * s differs."""
     _, want = _weight_case("int8", "per_channel", True, "float16", "ND")

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "decode_bf16.h"
+#include "decode_f16.h"
 #include "numerics.h"
 
 #if defined(__x86_64__)
@@ -438,6 +439,11 @@ void Matmul(const Problem& p, const Workers& workers) {
     const std::vector<uint16_t> x = PadActivations(p);
     ParallelFor(workers, p.n, 64, threads,
                 [&](int64_t c0, int64_t c1) { DecodeBf16T(p, x.data(), y.data(), c0, c1); });
+  } else if (Detect() >= IsaLevel::kAvx512 && DecodeF16Covers(p)) {
+    std::vector<float> x(p.m * p.k);
+    ToF32(p.x1, p.act, p.m * p.k, x.data());
+    SplitK(workers, p, threads, y.data(),
+           [&](float* out, int64_t k0, int64_t k1) { DecodeF16(p, x.data(), out, k0, k1); });
   } else {
     QuantParams q = MakeQuantParams(p);
     std::vector<float> x(p.m * p.k);

@@ -139,6 +139,41 @@ def test_huge_scales_round_as_the_kernel(layout):
         np.testing.assert_array_equal(_bits(got, "bfloat16"), _bits(want[rows], "bfloat16"), err_msg=f"rows {rows}")
 
 
+@pytest.mark.parametrize("wd", ["int8", "int4"])
+@pytest.mark.parametrize("off", [False, True])
+def test_float16_weights_at_the_ends_of_the_range_round_as_the_kernel(wd, off):
+    """float16 activations: scales that put (q + o) * s among float16's subnormals, and (in
+    columns of zero codes but one, without an offset) past its largest value, to inf: through
+    the float16 decode kernel (the CPU's own conversions) at m = 64, 2 and 1."""
+    case, _ = _weight_case(wd, "per_channel", off, "float16", "ND")
+    n = case.oracle["scale"].shape[-1]
+    scale = np.concatenate([2.0 ** np.linspace(-30, -16, n - 8), np.full(8, 6e4)]).astype(np.float16)
+    codes = oracle.decode(case.oracle["codes"], wd).copy()
+    x2 = case.args[1]
+    if not off:  # the last eight columns: one code of 5 (5 * 6e4 > 65504), the rest 0
+        codes[:, -8:] = 0
+        codes[np.arange(8) * 7, np.arange(n - 8, n)] = 5
+        x2 = codes.astype(x2.dtype)
+    offset = case.oracle["offset"]
+    args = (x2, scale, offset)
+    with np.errstate(over="ignore"):  # the infs are the point
+        want = oracle.kernel_dequantize(codes, oracle.expand(scale.astype(np.float64), 64, n, 0),
+                                        None if offset is None else oracle.expand(np.asarray(offset, np.float64), 64, n, 0),
+                                        "float16")
+    assert np.any((want != 0) & (np.abs(want) < 2.0 ** -14))
+    assert off or np.sum(np.isinf(want)) == 8
+    eye = np.eye(64).astype(np.float16)
+    f = jax.jit(lambda *a: wq.weight_quant_matmul_all_reduce(*a, **case.kwargs))
+    for rows in (slice(0, 64), slice(5, 7), slice(63, 64)):
+        got = np.asarray(f(*map(jnp.asarray, (eye[rows],) + tuple(a for a in args if a is not None))))
+        # as values (a sum of +0 and -0 is +0), where no weight of the column is inf (0 * inf
+        # is NaN in the sum)
+        infs = np.sum(np.isinf(want), axis=0)
+        keep = np.broadcast_to((infs == 0) | ((infs == 1) & np.isinf(want[rows])), got.shape)
+        np.testing.assert_array_equal(got.astype(np.float64)[keep], want[rows].astype(np.float64)[keep],
+                                      err_msg=f"rows {rows}")
+
+
 def test_the_rule_is_not_single_rounding():
     """The float16 rule rounds q + o first: a single rounding of (q + o) * s differs."""
     _, want = _weight_case("int8", "per_channel", True, "float16", "ND")

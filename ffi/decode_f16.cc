@@ -1,0 +1,233 @@
+// The decode kernel for float16 activations on CPUs with AVX-512 (and F16C): y = x1 @ W over a
+// k slice, W in ND storage (int8, or packed int4 with an even n). Without float16 arithmetic
+// on the CPU the products run as float32 FMAs (a float16 times a float16 is exact in
+// float32); the codes are dequantized as the Ascend kernel rounds them (numerics.h: f16(f16(q
+// + o) * s)) by the hardware's own float16 conversions (vcvtps2ph, nearest even), sixteen
+// columns at a time, and each dequantized row is used by every row of x before the next.
+#include <algorithm>
+#include <cstring>
+
+#include "decode_f16.h"
+#include "numerics.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace jax_wqmm::cpu {
+
+bool DecodeF16Covers(const Problem& p) {
+#if defined(__x86_64__)
+  return p.act == Float::kF16 && !p.transposed && (!p.int4 || p.n % 2 == 0);  // int4: rows on bytes
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__)
+namespace {
+
+#define WQMM_F16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define WQMM_F16_LAMBDA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"), always_inline))
+
+constexpr int64_t kTile = 64;      // columns per tile: four vectors of 16 floats
+constexpr int kVectors = 4;
+constexpr int kBlockRows = 4;      // rows of x per register block: 16 accumulators
+constexpr int64_t kPanel = 8;      // rows of W read side by side (direct), or per build step
+constexpr int64_t kBuiltRows = 32; // rows of W dequantized once for every block of x rows (m > 4)
+
+// q * s as in decode_bf16.cc: the float with the bits of kMagicBits + q is kMagic + q, and
+// fma(kMagic + q, s, -kMagic * s) is q * s exactly (a float16 scale is far below 2^100).
+constexpr int32_t kMagicBits = 0x4B400000;
+constexpr float kMagic = 12582912.0f;
+
+WQMM_F16 WQMM_INLINE __m512 RoundF16(__m512 v) {  // to float16, nearest even, and back
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
+  return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
+}
+
+// float(q) of int4 codes: lanes whose low four bits are a code (vpermps reads only those).
+WQMM_F16 WQMM_INLINE __m512 Int4Values(__m512i nibbles) {
+  return _mm512_permutexvar_ps(nibbles, _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+
+// Lane l = byte l / 2 of b (bytes 0..7) shifted to its nibble (column 2i in the low one).
+WQMM_F16 WQMM_INLINE __m512i Int4Lanes(__m128i b) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+  return _mm512_srlv_epi32(d, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+}
+
+// W[k, j : j + 64) dequantized (numerics.h) from the row's codes, as four vectors: float
+// values q of the codes first (int8 without an offset: their int32 values in qi instead),
+// then the rule. kFull: a whole tile; else cols < 64 at the ragged end (the lanes past it are
+// zero codes, whose sums are never stored). s, o: the tile's scale and offset; without an
+// offset int8 takes -kMagic * s in o.
+template <bool kInt4, bool kOffset, bool kFull>
+WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const float* s, const float* o,
+                                      __m512 out[kVectors]) {
+  constexpr bool kMagicPath = !kInt4 && !kOffset;
+  __m512 q[kVectors];
+  __m512i qi[kVectors];
+  if constexpr (kInt4) {
+    for (int v = 0; v < kVectors; ++v) {  // 8 bytes per vector, two columns each
+      const __m128i b = kFull ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v))
+                              : _mm_maskz_loadu_epi8(LaneMask((cols - 16 * v + 1) / 2), row + 8 * v);
+      q[v] = Int4Values(Int4Lanes(b));
+    }
+  } else {
+    for (int v = 0; v < kVectors; ++v) {
+      qi[v] = _mm512_cvtepi8_epi32(kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v))
+                                         : _mm_maskz_loadu_epi8(LaneMask(cols - 16 * v), row + 16 * v));
+      if constexpr (!kMagicPath) q[v] = _mm512_cvtepi32_ps(qi[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const __m512 sv = _mm512_load_ps(s + 16 * v), ov = _mm512_load_ps(o + 16 * v);
+    if constexpr (kMagicPath) {
+      const __m512 magic = _mm512_castsi512_ps(_mm512_add_epi32(qi[v], _mm512_set1_epi32(kMagicBits)));
+      out[v] = RoundF16(_mm512_fmadd_ps(magic, sv, ov));
+    } else {
+      const __m512 qo = kOffset ? RoundF16(_mm512_add_ps(q[v], ov)) : q[v];  // f16(q + o)
+      out[v] = RoundF16(_mm512_mul_ps(qo, sv));
+    }
+  }
+}
+
+struct Rows {
+  const float* x;    // (m, k) float32 (float16 values)
+  int64_t k;
+  float* y;          // (m, n) partial sums, added to
+  int64_t n;
+};
+
+// MR rows of x (from r) by the tile at column j: sums over W's rows [k0, k0 + rows) in
+// registers, then added to y. w(kk, b) puts the tile's four vectors of row k0 + kk in b.
+template <int MR, typename W>
+WQMM_F16 WQMM_INLINE void Block(const Rows& o, int64_t r, int64_t j, int64_t cols, int64_t k0, int64_t rows, W&& w) {
+  __m512 acc[MR][kVectors];
+  for (int rr = 0; rr < MR; ++rr) {
+    for (int v = 0; v < kVectors; ++v) acc[rr][v] = _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < rows; ++kk) {
+    __m512 b[kVectors];
+    w(kk, b);
+    for (int rr = 0; rr < MR; ++rr) {
+      const __m512 xv = _mm512_set1_ps(o.x[(r + rr) * o.k + k0 + kk]);
+      for (int v = 0; v < kVectors; ++v) acc[rr][v] = _mm512_fmadd_ps(xv, b[v], acc[rr][v]);
+    }
+  }
+  for (int rr = 0; rr < MR; ++rr) {
+    float* yr = o.y + (r + rr) * o.n + j;
+    for (int v = 0; v < kVectors; ++v) {
+      const __mmask16 mk = LaneMask(cols - 16 * v);
+      _mm512_mask_storeu_ps(yr + 16 * v, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yr + 16 * v), acc[rr][v]));
+    }
+  }
+}
+
+template <typename W>
+WQMM_F16 WQMM_INLINE void Blocks(const Rows& o, int64_t m, int64_t j, int64_t cols, int64_t k0, int64_t rows, W&& w) {
+  int64_t r = 0;
+  for (; r + kBlockRows <= m; r += kBlockRows) Block<kBlockRows>(o, r, j, cols, k0, rows, w);
+  switch (m - r) {
+    case 3: Block<3>(o, r, j, cols, k0, rows, w); break;
+    case 2: Block<2>(o, r, j, cols, k0, rows, w); break;
+    case 1: Block<1>(o, r, j, cols, k0, rows, w); break;
+    default: break;
+  }
+}
+
+template <bool kInt4, bool kOffset>
+WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int64_t k1) {
+  const int64_t m = p.m, n = p.n, tiles = (n + kTile - 1) / kTile;
+  const int64_t stride = kInt4 ? n / 2 : n;
+  std::fill(y, y + m * n, 0.0f);
+  const Rows out{x, p.k, y, n};
+  const int64_t span = p.group_size ? p.group_size : k1 - k0;
+  const bool direct = m <= kBlockRows;
+  const int64_t panel = direct ? kPanel : kBuiltRows;
+  struct alignas(64) Vector { float lanes[16]; };  // over-aligned new (C++17)
+  std::vector<Vector> built(direct ? 0 : kBuiltRows * tiles * kVectors);  // (rows, n) floats
+  std::vector<Vector> quant(2 * tiles * kVectors);  // the group's scale, then offset (or -kMagic * s)
+  float* sl = quant[0].lanes;
+  float* ol = sl + tiles * kTile;
+  const auto* scale = static_cast<const uint16_t*>(p.scale);
+  const auto* offset = static_cast<const uint16_t*>(p.offset);
+  for (int64_t g0 = k0; g0 < k1; g0 += span) {
+    const int64_t g1 = std::min(k1, g0 + span), first = p.group_size ? g0 / p.group_size * n : 0;
+    for (int64_t c = 0; c < tiles * kTile; ++c) {
+      const int64_t i = p.per_tensor() ? 0 : first + std::min(c, n - 1);
+      sl[c] = F16ToF32(scale[i]);
+      ol[c] = kOffset ? F16ToF32(offset[i]) : -kMagic * sl[c];
+    }
+    for (int64_t r0 = g0; r0 < g1; r0 += panel) {
+      const int64_t rows = std::min(panel, g1 - r0);
+      const uint8_t* w0 = p.x2 + r0 * stride;
+      auto weights = [&](const uint8_t* row, int64_t j, __m512 b[kVectors]) WQMM_F16_LAMBDA {
+        const uint8_t* at = row + (kInt4 ? j / 2 : j);
+        if (j + kTile <= n) TileWeights<kInt4, kOffset, true>(at, kTile, sl + j, ol + j, b);
+        else TileWeights<kInt4, kOffset, false>(at, n - j, sl + j, ol + j, b);
+      };
+      if (direct) {
+        // a tile's rows are read side by side: the next panel's are prefetched at the same columns
+        const int64_t ahead = std::min(kPanel, p.k - r0 - rows);
+        for (int64_t jt = 0; jt < tiles; ++jt) {
+          const int64_t j = jt * kTile;
+          for (int64_t r = 0; r < ahead; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + (rows + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
+          }
+          Blocks(out, m, j, std::min(kTile, n - j), r0, rows,
+                 [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA { weights(w0 + kk * stride, j, b); });
+        }
+        continue;
+      }
+      // built: the panel's rows dequantized once, kPanel rows side by side at a time (the next
+      // ones prefetched), into (rows, n) floats that every block of x rows reads
+      float* wb = built[0].lanes;
+      for (int64_t q0 = 0; q0 < rows; q0 += kPanel) {
+        const int64_t q1 = std::min(rows, q0 + kPanel), ahead = std::min(kPanel, p.k - r0 - q1);
+        for (int64_t jt = 0; jt < tiles; ++jt) {
+          const int64_t j = jt * kTile;
+          for (int64_t r = 0; r < ahead; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + (q1 + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
+          }
+          for (int64_t kk = q0; kk < q1; ++kk) {
+            __m512 b[kVectors];
+            weights(w0 + kk * stride, j, b);
+            for (int v = 0; v < kVectors; ++v) _mm512_store_ps(wb + kk * tiles * kTile + j + 16 * v, b[v]);
+          }
+        }
+      }
+      for (int64_t jt = 0; jt < tiles; ++jt) {
+        const int64_t j = jt * kTile;
+        Blocks(out, m, j, std::min(kTile, n - j), r0, rows,
+               [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA {
+                 for (int v = 0; v < kVectors; ++v) b[v] = _mm512_load_ps(wb + kk * tiles * kTile + j + 16 * v);
+               });
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void DecodeF16(const Problem& p, const float* x, float* y, int64_t k0, int64_t k1) {
+  if (p.int4) {
+    if (p.offset) Decode<true, true>(p, x, y, k0, k1);
+    else Decode<true, false>(p, x, y, k0, k1);
+  } else {
+    if (p.offset) Decode<false, true>(p, x, y, k0, k1);
+    else Decode<false, false>(p, x, y, k0, k1);
+  }
+}
+
+#else
+
+void DecodeF16(const Problem&, const float*, float*, int64_t, int64_t) {}
+
+#endif
+
+}  // namespace jax_wqmm::cpu

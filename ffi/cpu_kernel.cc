@@ -510,6 +510,10 @@ double PeakMacRate(double seconds) {
 #endif
 }
 
+double ConvertRate(bool int4, double seconds) {
+  return Detect() == IsaLevel::kAvx512Bf16 ? DecodeBf16ConvertRate(int4, seconds) : 0.0;
+}
+
 std::string Isa() {
   switch (Detect()) {
     case IsaLevel::kAvx512Bf16: return "avx512bf16";

@@ -49,6 +49,11 @@ void Dequantize(const Problem& p, const Workers& workers);
 // (bf16 dot products on AVX-512 BF16, else float FMAs): the compute ceiling the benchmarks
 // compare against; measured for about `seconds`. 0 on the portable path.
 double PeakMacRate(double seconds);
+// Weights per second that the bf16 decode kernel converts from codes (int8 without an offset,
+// or int4) to the rounded bf16 it multiplies, on every core, codes in L1: the floor of its
+// per-weight conversion (the numeric contract rounds each weight). 0 where that kernel does
+// not run (no AVX-512 BF16).
+double ConvertRate(bool int4, double seconds);
 // The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
 std::string Isa();
 

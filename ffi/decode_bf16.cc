@@ -1,6 +1,9 @@
 #include "decode_bf16.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <tuple>
 #include <cmath>
 #include <cstring>
 
@@ -366,7 +369,41 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   }
 }
 
+// The conversion loop alone on codes in L1 (two rows of one tile, whole tiles): pairs per
+// call, summed into a sink so the work stays.
+template <bool kInt4>
+WQMM_BF16 uint32_t ConvertLoop(int64_t iters) {
+  alignas(64) static const uint8_t codes[2][64] = {};
+  alignas(64) float sl[kTile], ol[kTile];
+  for (int64_t i = 0; i < kTile; ++i) sl[i] = 0.01f * static_cast<float>(i + 1), ol[i] = -kMagic * sl[i];
+  __m512i sink = _mm512_setzero_si512();
+  for (int64_t i = 0; i < iters; ++i) {
+    const uint8_t* a = codes[0];
+    asm volatile("" : "+r"(a));  // opaque: converted anew each time
+    __m512i out[kVectors];
+    PairCodes<kInt4, false, true>(a, a + 64, kTile, sl, ol, out);
+    for (int v = 0; v < kVectors; ++v) sink = _mm512_xor_si512(sink, out[v]);
+  }
+  return static_cast<uint32_t>(_mm512_reduce_add_epi32(sink));
+}
+
 }  // namespace
+
+double DecodeBf16ConvertRate(bool int4, double seconds) {
+  const Workers w = OwnThreads();
+  auto rate = [&](int64_t iters) {
+    std::atomic<uint32_t> sink{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    w.run(w.threads, [&](int) { sink += int4 ? ConvertLoop<true>(iters) : ConvertLoop<false>(iters); });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return std::pair{s, 2.0 * kTile * iters * w.threads / s};  // weights per second
+  };
+  int64_t iters = 1 << 14;
+  for (auto [s, r] = rate(iters); s < seconds / 4; std::tie(s, r) = rate(iters)) iters *= 2;
+  double best = 0;
+  for (int i = 0; i < 3; ++i) best = std::max(best, rate(iters).second);
+  return best;
+}
 
 void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
   if (p.int4) {
@@ -381,6 +418,7 @@ void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int6
 #else
 
 void DecodeBf16(const Problem&, const uint32_t*, float*, int64_t, int64_t) {}
+double DecodeBf16ConvertRate(bool, double) { return 0.0; }
 
 #endif
 

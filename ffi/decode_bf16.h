@@ -24,6 +24,11 @@ std::vector<uint32_t> PairActivations(const Problem& p);
 // k0 is a multiple of the group size (per-group) or of 16; xp comes from PairActivations.
 void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1);
 
+// Codes (int8 without an offset, or int4) converted to the rounded bf16 pairs per second, on
+// every core, by DecodeBf16's own conversion loop on codes in L1 (no memory traffic, no dot
+// products): the floor of that conversion, measured for about `seconds`; 0 off x86.
+double DecodeBf16ConvertRate(bool int4, double seconds);
+
 // Transposed storage (x2 as (n, k); int4 with an even k; groups of a multiple of 32):
 // decode_bf16_t.cc.
 bool DecodeBf16TCovers(const Problem& p);

@@ -75,6 +75,9 @@ NB_MODULE(_wqmm_ffi, m) {
   m.def("cpu_peak_mac_rate", &jax_wqmm::cpu::PeakMacRate, nb::arg("seconds") = 0.2,
         nb::call_guard<nb::gil_scoped_release>(),
         "Multiply-adds per second of all cores on the kernels' widest instruction (0: unknown).");
+  m.def("cpu_convert_rate", &jax_wqmm::cpu::ConvertRate, nb::arg("int4"), nb::arg("seconds") = 0.2,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "Weights per second the bf16 decode kernel converts to rounded bf16, codes in L1 (0: not run).");
 
   // ------------------------------------------------------------------ loader
   m.def("load_cann", [](const std::vector<std::string>& dirs,

@@ -30,7 +30,7 @@ from . import native, reference
 from .spec import WqmmSpec, unpack_operands, pack_operands
 
 __all__ = ["SMALL_M", "supports", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
-           "DEQUANTIZE_TARGET", "peak_mac_rate"]
+           "DEQUANTIZE_TARGET", "peak_mac_rate", "convert_rate"]
 
 MATMUL_TARGET = "wqmm_cpu_matmul"
 DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
@@ -118,3 +118,14 @@ def peak_mac_rate(seconds: float = 0.2) -> float:
     compute ceiling of the kernels (a compute floor of m*k*n / rate for a matmul). 0.0 when
     unknown (portable path)."""
     return native.extension().cpu_peak_mac_rate(seconds)
+
+
+def convert_rate(weight_dtype: str, seconds: float = 0.2) -> float:
+    """Weights per second that the bfloat16 decode kernel converts from ``weight_dtype``
+    ("int8" or "int4") codes to the rounded bfloat16 it multiplies (numeric contract: each
+    weight is rounded), on all cores, with the codes in L1: a floor of k*n / rate on any
+    bfloat16 call of that kernel, measured now for about ``seconds``. 0.0 where that kernel
+    does not run (no AVX-512 BF16)."""
+    if weight_dtype not in ("int8", "int4"):
+        raise ValueError(f"weight_dtype={weight_dtype!r}: must be 'int8' or 'int4'")
+    return native.extension().cpu_convert_rate(weight_dtype == "int4", seconds)

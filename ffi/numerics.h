@@ -37,10 +37,12 @@ WQMM_INLINE float FromBits(uint32_t u) {
 
 WQMM_INLINE float Bf16ToF32(uint16_t b) { return FromBits(static_cast<uint32_t>(b) << 16); }
 
-WQMM_INLINE uint16_t F32ToBf16(float f) {  // round to nearest even (NaN stays NaN)
-  uint32_t u = Bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+// Round to nearest even (NaN stays NaN). Branch-free: vectorizes in simd loops.
+WQMM_INLINE uint16_t F32ToBf16(float f) {
+  const uint32_t u = Bits(f);
+  const uint16_t nan = static_cast<uint16_t>((u >> 16) | 0x40);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
 }
 
 // f rounded to bfloat16 (nearest even), as a float. Branch-free: vectorizes in simd loops.

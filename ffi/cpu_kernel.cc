@@ -12,6 +12,7 @@
 
 #include "decode_bf16.h"
 #include "decode_f16.h"
+#include "dequantize_avx512.h"
 #include "numerics.h"
 
 #if defined(__x86_64__)
@@ -495,6 +496,13 @@ void Matmul(const Problem& p, const Workers& workers) {
 }
 
 void Dequantize(const Problem& p, const Workers& workers) {
+  const int64_t work = p.k * (p.col_end - p.col_begin) * 8;
+  if (DequantizeAvx512Covers(p) && (p.act == Float::kF16 ? Detect() >= IsaLevel::kAvx512
+                                                         : Detect() == IsaLevel::kAvx512Bf16)) {
+    ParallelFor(workers, p.k, 16, Threads(workers, work),
+                [&](int64_t r0, int64_t r1) { DequantizeAvx512(p, r0, r1); });
+    return;
+  }
   QuantParams q = MakeQuantParams(p);
   const RowsFn rows = Selected().dequant;
   const int64_t width = p.col_end - p.col_begin;

@@ -104,6 +104,20 @@ def test_wide_and_narrow_shapes(m, k, n, g):
     oracle.assert_close(y, expected, mag, "bfloat16")
 
 
+@pytest.mark.parametrize("act", ["bfloat16", "float16"])
+@pytest.mark.parametrize("wd,gran,off", [("int4", "per_group", True), ("int8", "per_channel", False)])
+def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off):
+    """m > SMALL_M at k = 4096: the weight is dequantized in slabs of 512 columns (the AVX-512
+    dequantize where the CPU has it), the last one ragged (n = 1100), then XLA's dot."""
+    m = cpu_kernel.SMALL_M + 5
+    case = make_case(np.random.default_rng(3), weight_dtype=wd, granularity=gran, offset=off,
+                     bias=True, lead=(m,), k=4096, n=1100, act=act, group_size=128)
+    f, text = _lowered(case)
+    assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") == 3
+    expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
+    oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
+
+
 def test_kernel_inside_shard_map_then_xla_psum():
     mesh = Mesh(np.array(jax.devices()), ("tp",))
     case = make_case(np.random.default_rng(64), weight_dtype="int8", granularity="per_group",

@@ -1,0 +1,131 @@
+// The large-m path's dequantize (W[:, c0:c1] in the activation dtype, XLA's dot multiplies)
+// on CPUs with AVX-512, ND storage: sixteen columns at a time, the codes converted and
+// rounded as the Ascend kernel rounds them (numerics.h) by the CPU's own conversions
+// (vcvtneps2bf16 for bfloat16, vcvtps2ph for float16, both nearest even).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "dequantize_avx512.h"
+#include "numerics.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace jax_wqmm::cpu {
+
+bool DequantizeAvx512Covers(const Problem& p) {
+#if defined(__x86_64__)
+  return !p.transposed && (p.act == Float::kBF16 || p.act == Float::kF16) &&
+         (!p.int4 || (p.n % 2 == 0 && p.col_begin % 2 == 0));  // int4: rows and slabs on bytes
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__)
+namespace {
+
+#define WQMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define WQMM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+
+// q * s as in decode_bf16.cc (kMagic + q from the integer's bits, one fma), where exact.
+constexpr int32_t kMagicBits = 0x4B400000;
+constexpr float kMagic = 12582912.0f;
+
+WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
+  return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
+}
+
+// Sixteen codes of a row from column j as int32 (int8) or float (int4) lanes; cols < 16 at the
+// end of the slab (masked: zero codes past it).
+WQMM_AVX512 WQMM_INLINE __m512i Int8Codes(const uint8_t* row, int64_t j, int64_t cols) {
+  return _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(LaneMask(cols), row + j));
+}
+
+WQMM_AVX512 WQMM_INLINE __m512 Int4Codes(const uint8_t* row, int64_t j, int64_t cols) {
+  const __m128i b = _mm_maskz_loadu_epi8(LaneMask((cols + 1) / 2), row + j / 2);
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // lane l: byte l / 2
+  const __m512i nib = _mm512_srlv_epi32(d, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+  // vpermps reads the low four bits of each lane: the nibble's code
+  return _mm512_permutexvar_ps(nib, _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0));
+}
+
+WQMM_AVX512 WQMM_INLINE __m512 RoundF16(__m512 v) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The rows [r0, r1) of W[:, c0:c1] into out (rows of c1 - c0), kF16: float16, else bfloat16
+// (the float16 copy uses no BF16 instruction: it runs on AVX-512 without it).
+template <bool kF16, bool kInt4, bool kOffset>
+WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t c0 = p.col_begin, c1 = p.col_end, width = c1 - c0, stride = kInt4 ? p.n / 2 : p.n;
+  const auto* scale = static_cast<const uint16_t*>(p.scale);
+  const auto* offset = static_cast<const uint16_t*>(p.offset);
+  std::vector<float> s(width + 16), o(width + 16);  // the current group's, as floats
+  bool magic = false;
+  for (int64_t kk = r0; kk < r1; ++kk) {
+    if (kk == r0 || (p.group_size && kk % p.group_size == 0)) {
+      const int64_t first = p.group_size ? kk / p.group_size * p.n : 0;
+      magic = !kInt4 && !kOffset;
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t i = p.per_tensor() ? 0 : first + c0 + j;
+        s[j] = kF16 ? F16ToF32(scale[i]) : Bf16ToF32(scale[i]);
+        o[j] = kOffset ? (kF16 ? F16ToF32(offset[i]) : Bf16ToF32(offset[i])) : 0.0f;
+        magic = magic && std::fabs(s[j]) < 0x1p100f;  // kMagic * s exact
+      }
+      if (magic) {
+        for (int64_t j = 0; j < width; ++j) o[j] = -kMagic * s[j];
+      }
+    }
+    const uint8_t* row = p.x2 + kk * stride;
+    uint16_t* out = static_cast<uint16_t*>(p.out) + kk * width;
+    for (int64_t j = 0; j < width; j += 16) {
+      const int64_t cols = std::min<int64_t>(16, width - j);
+      const __m512 sv = _mm512_loadu_ps(s.data() + j), ov = _mm512_loadu_ps(o.data() + j);
+      __m512 w;
+      if (magic) {
+        const __m512i q = Int8Codes(row, c0 + j, cols);
+        w = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), sv, ov);
+      } else {
+        __m512 q = kInt4 ? Int4Codes(row, c0 + j, cols) : _mm512_cvtepi32_ps(Int8Codes(row, c0 + j, cols));
+        if constexpr (kOffset) {
+          q = _mm512_add_ps(q, ov);
+          if constexpr (kF16) q = RoundF16(q);  // f16(q + o)
+        }
+        w = _mm512_mul_ps(q, sv);
+      }
+      __m256i h;
+      if constexpr (kF16) h = _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      else h = (__m256i)_mm512_cvtneps_pbh(w);
+      _mm256_mask_storeu_epi16(out + j, LaneMask(cols), h);
+    }
+  }
+}
+
+template <bool kF16>
+WQMM_AVX512_BF16 void RowsOf(const Problem& p, int64_t r0, int64_t r1) {
+  if (p.int4) {
+    if (p.offset) Rows<kF16, true, true>(p, r0, r1);
+    else Rows<kF16, true, false>(p, r0, r1);
+  } else {
+    if (p.offset) Rows<kF16, false, true>(p, r0, r1);
+    else Rows<kF16, false, false>(p, r0, r1);
+  }
+}
+
+}  // namespace
+
+void DequantizeAvx512(const Problem& p, int64_t r0, int64_t r1) {
+  if (p.act == Float::kF16) RowsOf<true>(p, r0, r1);
+  else RowsOf<false>(p, r0, r1);
+}
+
+#else
+
+void DequantizeAvx512(const Problem&, int64_t, int64_t) {}
+
+#endif
+
+}  // namespace jax_wqmm::cpu

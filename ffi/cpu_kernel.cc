@@ -510,12 +510,17 @@ void Dequantize(const Problem& p, const Workers& workers) {
               [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
 }
 
-double PeakMacRate(double seconds) {
+double PeakMacRate(double seconds, bool float_fma) {
 #if defined(__x86_64__)
   float (*probe)(int64_t) = nullptr;
   double macs_per_instruction = 0;
   switch (Detect()) {
-    case IsaLevel::kAvx512Bf16: probe = ProbeBf16, macs_per_instruction = 32; break;
+    case IsaLevel::kAvx512Bf16:
+      if (!float_fma) {
+        probe = ProbeBf16, macs_per_instruction = 32;
+        break;
+      }
+      [[fallthrough]];
     case IsaLevel::kAvx512: probe = ProbeAvx512, macs_per_instruction = 16; break;
     case IsaLevel::kAvx2: probe = ProbeAvx2, macs_per_instruction = 8; break;
     default: return 0.0;
@@ -534,7 +539,7 @@ double PeakMacRate(double seconds) {
   for (int i = 0; i < 3; ++i) best = std::max(best, rate(iters).second);
   return best;
 #else
-  (void)seconds;
+  (void)seconds, (void)float_fma;
   return 0.0;
 #endif
 }

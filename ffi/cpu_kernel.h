@@ -46,9 +46,10 @@ void Matmul(const Problem& p, const Workers& workers);
 // W[:, c0:c1] = (x2 + offset) * scale, (k, c1 - c0) in act dtype, into out.
 void Dequantize(const Problem& p, const Workers& workers);
 // Multiply-adds per second of every core running the kernels' widest multiply-add instruction
-// (bf16 dot products on AVX-512 BF16, else float FMAs): the compute ceiling the benchmarks
-// compare against; measured for about `seconds`. 0 on the portable path.
-double PeakMacRate(double seconds);
+// (bf16 dot products on AVX-512 BF16, else float FMAs; float_fma: float FMAs, which the float16
+// kernels use): the compute ceiling the benchmarks compare against; measured for about
+// `seconds`. 0 on the portable path.
+double PeakMacRate(double seconds, bool float_fma = false);
 // Weights per second that the bf16 decode kernel converts from codes (int8 without an offset,
 // or int4) to the rounded bf16 it multiplies, on every core, codes in L1: the floor of its
 // per-weight conversion (the numeric contract rounds each weight). 0 where that kernel does

@@ -73,8 +73,9 @@ NB_MODULE(_wqmm_ffi, m) {
   m.def("cpu_isa", &jax_wqmm::cpu::Isa,
         "The instruction set the CPU kernels dispatch to: avx512bf16, avx512, avx2 or portable.");
   m.def("cpu_peak_mac_rate", &jax_wqmm::cpu::PeakMacRate, nb::arg("seconds") = 0.2,
-        nb::call_guard<nb::gil_scoped_release>(),
-        "Multiply-adds per second of all cores on the kernels' widest instruction (0: unknown).");
+        nb::arg("float_fma") = false, nb::call_guard<nb::gil_scoped_release>(),
+        "Multiply-adds per second of all cores on the kernels' widest instruction, or on float "
+        "FMAs (0: unknown).");
   m.def("cpu_convert_rate", &jax_wqmm::cpu::ConvertRate, nb::arg("int4"), nb::arg("seconds") = 0.2,
         nb::call_guard<nb::gil_scoped_release>(),
         "Weights per second the bf16 decode kernel converts to rounded bf16, codes in L1 (0: not run).");

@@ -112,12 +112,15 @@ def isa() -> str:
     return native.extension().cpu_isa()
 
 
-def peak_mac_rate(seconds: float = 0.2) -> float:
-    """Multiply-adds per second of all cores on the kernels' widest instruction (bf16 dot
-    products with AVX-512 BF16, else float FMAs), measured now for about ``seconds``: the
-    compute ceiling of the kernels (a compute floor of m*k*n / rate for a matmul). 0.0 when
-    unknown (portable path)."""
-    return native.extension().cpu_peak_mac_rate(seconds)
+def peak_mac_rate(seconds: float = 0.2, instruction: str = "widest") -> float:
+    """Multiply-adds per second of all cores, measured now for about ``seconds``, on the
+    kernels' widest multiply-add (``instruction="widest"``: bf16 dot products with AVX-512
+    BF16, else float FMAs) or on float FMAs (``"fma"``, what the float16 kernels multiply
+    with): the compute ceiling of those kernels (a compute floor of m*k*n / rate for a
+    matmul). 0.0 when unknown (portable path)."""
+    if instruction not in ("widest", "fma"):
+        raise ValueError(f"instruction={instruction!r}: must be 'widest' or 'fma'")
+    return native.extension().cpu_peak_mac_rate(seconds, instruction == "fma")
 
 
 def convert_rate(weight_dtype: str, seconds: float = 0.2) -> float:

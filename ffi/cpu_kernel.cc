@@ -231,28 +231,38 @@ WQMM_INLINE void MatmulColsT(const Problem& p, const QuantParams& q, const float
   }
 }
 
+// Values of the activation dtype (rounded by DequantRowND / DequantT) as its bits: exact bit
+// selection.
+WQMM_INLINE void StoreAct(bool f16, const float* __restrict b, int64_t count, uint16_t* __restrict out) {
+  if (!f16) {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[j] = static_cast<uint16_t>(Bits(b[j]) >> 16);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[j] = F16BitsOfExact(b[j]);
+  }
+}
+
+// Part of W[:, c0:c1] in the activation dtype: ND storage, its rows [b, e) into the (k, c1 - c0)
+// output; transposed storage, its columns [b, e) into the output's transpose ((c1 - c0, k),
+// contiguous along k as the storage is).
 template <bool kInt4, bool kOffset>
-WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t r0, int64_t r1) {
-  // Rows [r0, r1) of W[:, c0:c1], in the activation dtype.
+WQMM_INLINE void DequantRows(const Problem& p, const QuantParams& q, int64_t b, int64_t e) {
   const int64_t c0 = p.col_begin, c1 = p.col_end, width = c1 - c0;
+  const bool f16 = p.act == Float::kF16;
+  auto* out = static_cast<uint16_t*>(p.out);
+  if (p.transposed) {
+    std::vector<float> buf(p.k);
+    for (int64_t j = b; j < e; ++j) {
+      for (int64_t kk = 0; kk < p.k; ++kk) buf[kk] = DequantT<kOffset>(p, q, j, kk);
+      StoreAct(f16, buf.data(), p.k, out + (j - c0) * p.k);
+    }
+    return;
+  }
   std::vector<float> buf(width);
-  for (int64_t kk = r0; kk < r1; ++kk) {
-    if (!p.transposed) {
-      DequantRowND<kInt4, kOffset>(p, q, kk, c0, c1, buf.data());
-    } else {
-      for (int64_t j = c0; j < c1; ++j) buf[j - c0] = DequantT<kOffset>(p, q, j, kk);
-    }
-    uint16_t* __restrict out = static_cast<uint16_t*>(p.out) + kk * width;
-    const float* __restrict b = buf.data();
-    // b holds values of the activation dtype already (rounded by DequantRowND / DequantT):
-    // storing them is exact bit selection
-    if (p.act == Float::kBF16) {
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) out[j] = static_cast<uint16_t>(Bits(b[j]) >> 16);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) out[j] = F16BitsOfExact(b[j]);
-    }
+  for (int64_t kk = b; kk < e; ++kk) {
+    DequantRowND<kInt4, kOffset>(p, q, kk, c0, c1, buf.data());
+    StoreAct(f16, buf.data(), width, out + kk * width);
   }
 }
 
@@ -496,18 +506,19 @@ void Matmul(const Problem& p, const Workers& workers) {
 }
 
 void Dequantize(const Problem& p, const Workers& workers) {
+  // ND: split W's rows; transposed: its columns (each a row of the storage and of the output)
   const int64_t work = p.k * (p.col_end - p.col_begin) * 8;
+  const int64_t begin = p.transposed ? p.col_begin : 0, total = p.transposed ? p.col_end - p.col_begin : p.k;
+  const int threads = Threads(workers, work);
   if (DequantizeAvx512Covers(p) && (p.act == Float::kF16 ? Detect() >= IsaLevel::kAvx512
                                                          : Detect() == IsaLevel::kAvx512Bf16)) {
-    ParallelFor(workers, p.k, 16, Threads(workers, work),
-                [&](int64_t r0, int64_t r1) { DequantizeAvx512(p, r0, r1); });
+    ParallelFor(workers, total, 16, threads,
+                [&](int64_t b, int64_t e) { DequantizeAvx512(p, begin + b, begin + e); });
     return;
   }
   QuantParams q = MakeQuantParams(p);
   const RowsFn rows = Selected().dequant;
-  const int64_t width = p.col_end - p.col_begin;
-  ParallelFor(workers, p.k, 16, Threads(workers, p.k * width * 8),
-              [&](int64_t r0, int64_t r1) { rows(p, q, r0, r1); });
+  ParallelFor(workers, total, 16, threads, [&](int64_t b, int64_t e) { rows(p, q, begin + b, begin + e); });
 }
 
 double PeakMacRate(double seconds, bool float_fma) {

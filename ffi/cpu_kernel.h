@@ -28,7 +28,7 @@ struct Problem {
   Float bias_dtype = Float::kBF16;
   const void* x3 = nullptr;        // (m, n), x3_dtype
   Float x3_dtype = Float::kBF16;
-  void* out = nullptr;             // (m, n) act, or the (k, c1 - c0) weight for Dequantize
+  void* out = nullptr;             // (m, n) act, or the weight for Dequantize
   int64_t col_begin = 0, col_end = 0;  // Dequantize: the columns [col_begin, col_end) of W
 };
 
@@ -43,7 +43,8 @@ Workers OwnThreads();
 
 // y = x1 @ W + bias + x3 into out (act dtype).
 void Matmul(const Problem& p, const Workers& workers);
-// W[:, c0:c1] = (x2 + offset) * scale, (k, c1 - c0) in act dtype, into out.
+// W[:, c0:c1] = (x2 + offset) * scale in act dtype, into out: (k, c1 - c0), or for transposed
+// storage its transpose, (c1 - c0, k).
 void Dequantize(const Problem& p, const Workers& workers);
 // Multiply-adds per second of every core running the kernels' widest multiply-add instruction
 // (bf16 dot products on AVX-512 BF16, else float FMAs; float_fma: float FMAs, which the float16

@@ -1,6 +1,7 @@
 // The large-m path's dequantize (W[:, c0:c1] in the activation dtype, XLA's dot multiplies)
-// on CPUs with AVX-512, ND storage: sixteen columns at a time, the codes converted and
-// rounded as the Ascend kernel rounds them (numerics.h) by the CPU's own conversions
+// on CPUs with AVX-512: sixteen elements at a time along the storage's rows (ND: columns of a
+// row of W; transposed: k of a column, written as rows of W's transpose), the codes converted
+// and rounded as the Ascend kernel rounds them (numerics.h) by the CPU's own conversions
 // (vcvtneps2bf16 for bfloat16, vcvtps2ph for float16, both nearest even).
 #include <algorithm>
 #include <cmath>
@@ -17,8 +18,9 @@ namespace jax_wqmm::cpu {
 
 bool DequantizeAvx512Covers(const Problem& p) {
 #if defined(__x86_64__)
-  return !p.transposed && (p.act == Float::kBF16 || p.act == Float::kF16) &&
-         (!p.int4 || (p.n % 2 == 0 && p.col_begin % 2 == 0));  // int4: rows and slabs on bytes
+  if (p.act != Float::kBF16 && p.act != Float::kF16) return false;
+  if (p.transposed) return !p.int4 || p.k % 2 == 0;                // int4: columns on bytes
+  return !p.int4 || (p.n % 2 == 0 && p.col_begin % 2 == 0);         // int4: rows and slabs on bytes
 #else
   return false;
 #endif
@@ -56,13 +58,39 @@ WQMM_AVX512 WQMM_INLINE __m512 RoundF16(__m512 v) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// The rows [r0, r1) of W[:, c0:c1] into out (rows of c1 - c0), kF16: float16, else bfloat16
-// (the float16 copy uses no BF16 instruction: it runs on AVX-512 without it).
+// Sixteen dequantized weights in the activation dtype (kF16: float16, else bfloat16) from the
+// codes at element e of a storage row (cols < 16: masked), with the lanes' scale s and offset o
+// (magic: int8 without an offset, o = -kMagic * s).
+template <bool kF16, bool kInt4, bool kOffset>
+WQMM_AVX512_BF16 WQMM_INLINE __m256i Sixteen(const uint8_t* row, int64_t e, int64_t cols, __m512 s, __m512 o,
+                                            bool magic) {
+  __m512 w;
+  if (!kInt4 && !kOffset && magic) {
+    const __m512i q = Int8Codes(row, e, cols);
+    w = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), s, o);
+  } else {
+    __m512 q = kInt4 ? Int4Codes(row, e, cols) : _mm512_cvtepi32_ps(Int8Codes(row, e, cols));
+    if constexpr (kOffset) {
+      q = _mm512_add_ps(q, o);
+      if constexpr (kF16) q = RoundF16(q);  // f16(q + o)
+    }
+    w = _mm512_mul_ps(q, s);
+  }
+  if constexpr (kF16) return _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  else return (__m256i)_mm512_cvtneps_pbh(w);
+}
+
+template <bool kF16>
+WQMM_INLINE float Param(const void* a, int64_t i) {
+  const uint16_t h = static_cast<const uint16_t*>(a)[i];
+  return kF16 ? F16ToF32(h) : Bf16ToF32(h);
+}
+
+// ND: the rows [r0, r1) of W[:, c0:c1] into out (rows of c1 - c0). (The float16 copies use no
+// BF16 instruction: they run on AVX-512 without it.)
 template <bool kF16, bool kInt4, bool kOffset>
 WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t c0 = p.col_begin, c1 = p.col_end, width = c1 - c0, stride = kInt4 ? p.n / 2 : p.n;
-  const auto* scale = static_cast<const uint16_t*>(p.scale);
-  const auto* offset = static_cast<const uint16_t*>(p.offset);
   std::vector<float> s(width + 16), o(width + 16);  // the current group's, as floats
   bool magic = false;
   for (int64_t kk = r0; kk < r1; ++kk) {
@@ -71,8 +99,8 @@ WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1)
       magic = !kInt4 && !kOffset;
       for (int64_t j = 0; j < width; ++j) {
         const int64_t i = p.per_tensor() ? 0 : first + c0 + j;
-        s[j] = kF16 ? F16ToF32(scale[i]) : Bf16ToF32(scale[i]);
-        o[j] = kOffset ? (kF16 ? F16ToF32(offset[i]) : Bf16ToF32(offset[i])) : 0.0f;
+        s[j] = Param<kF16>(p.scale, i);
+        o[j] = kOffset ? Param<kF16>(p.offset, i) : 0.0f;
         magic = magic && std::fabs(s[j]) < 0x1p100f;  // kMagic * s exact
       }
       if (magic) {
@@ -83,43 +111,53 @@ WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1)
     uint16_t* out = static_cast<uint16_t*>(p.out) + kk * width;
     for (int64_t j = 0; j < width; j += 16) {
       const int64_t cols = std::min<int64_t>(16, width - j);
-      const __m512 sv = _mm512_loadu_ps(s.data() + j), ov = _mm512_loadu_ps(o.data() + j);
-      __m512 w;
-      if (magic) {
-        const __m512i q = Int8Codes(row, c0 + j, cols);
-        w = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), sv, ov);
-      } else {
-        __m512 q = kInt4 ? Int4Codes(row, c0 + j, cols) : _mm512_cvtepi32_ps(Int8Codes(row, c0 + j, cols));
-        if constexpr (kOffset) {
-          q = _mm512_add_ps(q, ov);
-          if constexpr (kF16) q = RoundF16(q);  // f16(q + o)
-        }
-        w = _mm512_mul_ps(q, sv);
-      }
-      __m256i h;
-      if constexpr (kF16) h = _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      else h = (__m256i)_mm512_cvtneps_pbh(w);
+      const __m256i h = Sixteen<kF16, kInt4, kOffset>(row, c0 + j, cols, _mm512_loadu_ps(s.data() + j),
+                                                      _mm512_loadu_ps(o.data() + j), magic);
       _mm256_mask_storeu_epi16(out + j, LaneMask(cols), h);
     }
   }
 }
 
-template <bool kF16>
-WQMM_AVX512_BF16 void RowsOf(const Problem& p, int64_t r0, int64_t r1) {
-  if (p.int4) {
-    if (p.offset) Rows<kF16, true, true>(p, r0, r1);
-    else Rows<kF16, true, false>(p, r0, r1);
-  } else {
-    if (p.offset) Rows<kF16, false, true>(p, r0, r1);
-    else Rows<kF16, false, false>(p, r0, r1);
+// Transposed: the columns [j0, j1) of W (rows of x2) over all k into out as rows of W[:, c0:c1]'s
+// transpose ((c1 - c0, k)).
+template <bool kF16, bool kInt4, bool kOffset>
+WQMM_AVX512_BF16 WQMM_INLINE void Cols(const Problem& p, int64_t j0, int64_t j1) {
+  const int64_t stride = kInt4 ? p.k / 2 : p.k, span = p.group_size ? p.group_size : p.k;
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = p.x2 + j * stride;
+    uint16_t* out = static_cast<uint16_t*>(p.out) + (j - p.col_begin) * p.k;
+    for (int64_t g0 = 0; g0 < p.k; g0 += span) {
+      const int64_t i = p.per_tensor() ? 0 : (p.group_size ? g0 / p.group_size * p.n : 0) + j;
+      const float sf = Param<kF16>(p.scale, i);
+      const bool magic = !kInt4 && !kOffset && std::fabs(sf) < 0x1p100f;
+      const __m512 s = _mm512_set1_ps(sf);
+      const __m512 o = _mm512_set1_ps(kOffset ? Param<kF16>(p.offset, i) : magic ? -kMagic * sf : 0.0f);
+      for (int64_t kk = g0; kk < std::min(p.k, g0 + span); kk += 16) {  // groups: multiples of 32
+        const int64_t count = std::min<int64_t>(16, p.k - kk);
+        _mm256_mask_storeu_epi16(out + kk, LaneMask(count), Sixteen<kF16, kInt4, kOffset>(row, kk, count, s, o, magic));
+      }
+    }
   }
+}
+
+template <bool kF16>
+WQMM_AVX512_BF16 void Part(const Problem& p, int64_t b, int64_t e) {
+#define WQMM_PART(I4, OFF) (p.transposed ? Cols<kF16, I4, OFF>(p, b, e) : Rows<kF16, I4, OFF>(p, b, e))
+  if (p.int4) {
+    if (p.offset) WQMM_PART(true, true);
+    else WQMM_PART(true, false);
+  } else {
+    if (p.offset) WQMM_PART(false, true);
+    else WQMM_PART(false, false);
+  }
+#undef WQMM_PART
 }
 
 }  // namespace
 
-void DequantizeAvx512(const Problem& p, int64_t r0, int64_t r1) {
-  if (p.act == Float::kF16) RowsOf<true>(p, r0, r1);
-  else RowsOf<false>(p, r0, r1);
+void DequantizeAvx512(const Problem& p, int64_t b, int64_t e) {
+  if (p.act == Float::kF16) Part<true>(p, b, e);
+  else Part<false>(p, b, e);
 }
 
 #else

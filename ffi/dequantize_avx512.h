@@ -12,8 +12,9 @@ namespace jax_wqmm::cpu {
 // the caller checks the ISA).
 bool DequantizeAvx512Covers(const Problem& p);
 
-// Rows [r0, r1) of W[:, col_begin:col_end] into p.out, in the activation dtype.
-void DequantizeAvx512(const Problem& p, int64_t r0, int64_t r1);
+// Part of W[:, col_begin:col_end] into p.out, in the activation dtype: ND storage, its rows
+// [b, e) ((k, c1 - c0) output); transposed, its columns [b, e) (output its transpose, (c1 - c0, k)).
+void DequantizeAvx512(const Problem& p, int64_t b, int64_t e);
 
 }  // namespace jax_wqmm::cpu
 

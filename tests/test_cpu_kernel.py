@@ -106,12 +106,14 @@ def test_wide_and_narrow_shapes(m, k, n, g):
 
 @pytest.mark.parametrize("act", ["bfloat16", "float16"])
 @pytest.mark.parametrize("wd,gran,off", [("int4", "per_group", True), ("int8", "per_channel", False)])
-def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off):
+@pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
+def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off, tr):
     """m > SMALL_M at k = 4096: the weight is dequantized in slabs of 512 columns (the AVX-512
-    dequantize where the CPU has it), the last one ragged (n = 1100), then XLA's dot."""
+    dequantize where the CPU has it; transposed storage into the slab's transpose), the last
+    one ragged (n = 1100), then XLA's dot."""
     m = cpu_kernel.SMALL_M + 5
     case = make_case(np.random.default_rng(3), weight_dtype=wd, granularity=gran, offset=off,
-                     bias=True, lead=(m,), k=4096, n=1100, act=act, group_size=128)
+                     bias=True, lead=(m,), k=4096, n=1100, act=act, group_size=128, transpose=tr)
     f, text = _lowered(case)
     assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") == 3
     expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)

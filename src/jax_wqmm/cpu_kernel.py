@@ -60,10 +60,12 @@ def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
     parts = []
     for c0 in range(0, spec.n, step):
         c1 = min(spec.n, c0 + step)
-        w_type = jax.typeof(scale).update(shape=(spec.k, c1 - c0), dtype=jnp.dtype(spec.act_dtype))
+        # transposed storage dequantizes into the slab's transpose, (c1 - c0, k), as it is stored
+        shape = (c1 - c0, spec.k) if spec.transpose_x2 else (spec.k, c1 - c0)
+        w_type = jax.typeof(scale).update(shape=shape, dtype=jnp.dtype(spec.act_dtype))
         w = jax.ffi.ffi_call(DEQUANTIZE_TARGET, w_type)(
             *pack_operands(x2, scale, offset), col_begin=np.int64(c0), col_end=np.int64(c1), **attrs)
-        parts.append(reference.matmul_f32(x1, w))
+        parts.append(reference.matmul_f32(x1, w, transposed=spec.transpose_x2))
     acc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     return reference.add_bias_x3(acc, bias, x3, spec)
 

@@ -123,11 +123,11 @@ def dequantize(x2, scale, offset, spec: WqmmSpec, dtype=None) -> jax.Array:
     return round_to(q * s, spec.act_dtype).astype(dtype or spec.act_dtype)
 
 
-def matmul_f32(x: jax.Array, w: jax.Array, out_sharding=None) -> jax.Array:
-    """x (..., k) @ w (k, n) with float32 accumulation (``out_sharding``: for explicit mesh
-    axes where k is sharded)."""
+def matmul_f32(x: jax.Array, w: jax.Array, out_sharding=None, transposed: bool = False) -> jax.Array:
+    """x (..., k) @ w (k, n), or x @ w.T for w (n, k) if ``transposed``, with float32
+    accumulation (``out_sharding``: for explicit mesh axes where k is sharded)."""
     kw = {} if out_sharding is None else dict(out_sharding=out_sharding)
-    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1 if transposed else 0,)), ((), ())),
                            preferred_element_type=jnp.float32, **kw)
 
 

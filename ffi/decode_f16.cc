@@ -185,7 +185,8 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
         continue;
       }
       // built: the panel's rows dequantized once, kPanel rows side by side at a time (the next
-      // ones prefetched), into (rows, n) floats that every block of x rows reads
+      // ones prefetched), into floats tile by tile ((tiles, kBuiltRows, 64): a block reads
+      // its tile contiguously; rows of n floats would put a tile's rows in the same L1 sets)
       float* wb = built[0].lanes;
       for (int64_t q0 = 0; q0 < rows; q0 += kPanel) {
         const int64_t q1 = std::min(rows, q0 + kPanel), ahead = std::min(kPanel, p.k - r0 - q1);
@@ -197,7 +198,7 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
           for (int64_t kk = q0; kk < q1; ++kk) {
             __m512 b[kVectors];
             weights(w0 + kk * stride, j, b);
-            for (int v = 0; v < kVectors; ++v) _mm512_store_ps(wb + kk * tiles * kTile + j + 16 * v, b[v]);
+            for (int v = 0; v < kVectors; ++v) _mm512_store_ps(wb + (jt * kBuiltRows + kk) * kTile + 16 * v, b[v]);
           }
         }
       }
@@ -205,7 +206,7 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
         const int64_t j = jt * kTile;
         Blocks(out, m, j, std::min(kTile, n - j), r0, rows,
                [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA {
-                 for (int v = 0; v < kVectors; ++v) b[v] = _mm512_load_ps(wb + kk * tiles * kTile + j + 16 * v);
+                 for (int v = 0; v < kVectors; ++v) b[v] = _mm512_load_ps(wb + (jt * kBuiltRows + kk) * kTile + 16 * v);
                });
       }
     }

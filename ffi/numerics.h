@@ -94,7 +94,8 @@ WQMM_INLINE float RoundF16(float f) {
 WQMM_INLINE uint16_t F16BitsOfExact(float f) {
   const uint32_t u = Bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
   const uint32_t normal = ((a >> 13) - ((127u - 15u) << 10)) & 0x7fffu;
-  const uint32_t tiny = static_cast<uint32_t>(FromBits(a) * 16777216.0f);  // multiples of 2^-24
+  // multiples of 2^-24 below 2^-14: exact, and within int32 (a signed conversion vectorizes)
+  const uint32_t tiny = static_cast<uint32_t>(static_cast<int32_t>(FromBits(a) * 16777216.0f));
   uint32_t h = a < 0x38800000u ? tiny : normal;
   h = a >= 0x7f800000u ? (a > 0x7f800000u ? 0x7e00u : 0x7c00u) : h;  // NaN, inf
   return static_cast<uint16_t>(sign | h);
@@ -117,10 +118,28 @@ WQMM_INLINE float Dequant(bool f16, float q, float o, float s) {
 WQMM_INLINE float RoundOut(bool f16, float v) { return f16 ? RoundF16(v) : RoundBf16(v); }
 
 // One output element: the matmul's float32 sum plus bias, rounded; then x3 added and rounded
-// again (the kernel adds x3 after the matmul's output was written). Absent: pass has_* false.
+// again (the kernel adds x3 after the matmul's output was written). Absent: kBias / kX3 false
+// (their arguments unused). Branch-free: vectorizes in simd loops.
+template <bool kF16, bool kBias, bool kX3>
+WQMM_INLINE float OutputElement(float acc, float bias, float x3) {
+  if constexpr (kBias) acc += bias;
+  const float y = RoundOut(kF16, acc);
+  if constexpr (kX3) return RoundOut(kF16, y + x3);
+  return y;
+}
+
+// The same with the flags at run time (the emulator).
 WQMM_INLINE float OutputElement(bool f16, float acc, bool has_bias, float bias, bool has_x3, float x3) {
-  float y = RoundOut(f16, has_bias ? acc + bias : acc);
-  return has_x3 ? RoundOut(f16, y + x3) : y;
+  switch (f16 * 4 + has_bias * 2 + has_x3) {
+    case 0: return OutputElement<false, false, false>(acc, bias, x3);
+    case 1: return OutputElement<false, false, true>(acc, bias, x3);
+    case 2: return OutputElement<false, true, false>(acc, bias, x3);
+    case 3: return OutputElement<false, true, true>(acc, bias, x3);
+    case 4: return OutputElement<true, false, false>(acc, bias, x3);
+    case 5: return OutputElement<true, false, true>(acc, bias, x3);
+    case 6: return OutputElement<true, true, false>(acc, bias, x3);
+    default: return OutputElement<true, true, true>(acc, bias, x3);
+  }
 }
 
 }  // namespace jax_wqmm

@@ -5,8 +5,9 @@
     python benchmarks/matmul_bench.py --peers [--png PATH] against the jnp reference, a naive
                                                            dequantize-then-dot and qwix
 
-Every figure is a median of repeated calls of a jitted function, measured in this run; each
-call cycles through copies of its weights that together exceed the last-level cache
+Every figure is a median of repeated calls of a jitted function, measured in this run, and the
+figures that a ratio compares are timed interleaved (paired_medians); each call cycles through
+copies of its weights that together exceed the last-level cache
 (--rotate-mib, default 128 MiB), so weights stream from memory as in a model. The first line
 names the CPU (model and family: Zen 4 and Zen 5 differ 2x in bf16 peak) and the rates every
 floor below is computed from, all measured in the run:
@@ -71,6 +72,38 @@ def median_seconds(f, *calls, budget: float = 2.0, max_reps: int = 50, warmup: f
         call(i)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def paired_medians(*jobs, budget: float = 3.0, rounds: int = 8) -> list[float]:
+    """Median seconds of each job (f, calls), measured interleaved: `rounds` rounds, each
+    timing a few calls of every job in turn, so that the ratios between jobs see the same
+    moments of a noisy machine (this shared VM's speed drifts by tens of percent)."""
+    timers = []
+    for f, calls in jobs:
+        def call(i, f=f, calls=calls):
+            f(*calls[i % len(calls)]).block_until_ready()
+        for i in range(len(calls)):                     # compile, first touch of each copy
+            call(i)
+        t0 = time.perf_counter()
+        done = 0
+        while done < 2 or time.perf_counter() - t0 < 0.2:  # steady state
+            call(done)
+            done += 1
+        timers.append((call, (time.perf_counter() - t0) / done))
+    samples = [[] for _ in jobs]
+    for r in range(rounds):
+        for (call, once), ts in zip(timers, samples):
+            reps = int(max(1, min(8, budget / len(jobs) / rounds / max(once, 1e-6))))
+            # not timed: the calls of the first 30 ms after another job's (XLA's worker
+            # threads spin on after its own ops, and caches hold the other job's data)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.03:
+                call(0)
+            for i in range(reps):
+                t = time.perf_counter()
+                call(r * reps + i)
+                ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in samples]
 
 
 def copies(tree, count: int) -> list:
@@ -152,21 +185,23 @@ def _quantized(k, n, mode, act=jnp.bfloat16, transpose=False):
     return w, (qw.with_layout(transpose=True) if transpose else qw)
 
 
-def _time_wqmm(args, qw, m, k, act=jnp.bfloat16, transpose=False):
+def _wqmm_job(args, qw, m, k, act=jnp.bfloat16, transpose=False):
+    """(jitted call, argument copies) of jax_wqmm at m rows, weights rotated beyond the cache."""
     g = qw.group_size
     f = jax.jit(lambda x, d, s: wq.weight_quant_matmul_all_reduce(x, d, s, antiquant_group_size=g,
                                                                    transpose_x2=transpose))
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(act)
     weight_bytes = qw.data.size // (2 if qw.data.dtype == jnp.int4 else 1)
     count = max(1, -(-args.rotate_mib * 2**20 // weight_bytes))
-    return median_seconds(f, *[(x, d, s) for d, s in copies((qw.data, qw.scale), count)])
+    return f, [(x, d, s) for d, s in copies((qw.data, qw.scale), count)]
 
 
-def _time_xla(args, w_act, m, k):
+def _xla_job(args, w_act, m, k):
+    """XLA's dot over the unquantized weight in the activation dtype."""
     dense = jax.jit(lambda x, w: jnp.dot(x, w))
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(w_act.dtype)
     count = max(1, -(-args.rotate_mib * 2**20 // w_act.nbytes))
-    return median_seconds(dense, *[(x, c) for c in copies(w_act, count)])
+    return dense, [(x, c) for c in copies(w_act, count)]
 
 
 def _ms(t):
@@ -183,7 +218,6 @@ def targets(args, mc: Machine) -> None:
     print("\nbf16 activations, ND weights (times in ms; /floor: over max(bw, cmp); /xla: over XLA's bf16 dot)")
     print(f"{'k=n':>5s} {'m':>4s} {'weights':>9s} {'jax_wqmm':>9s} {'xla bf16':>9s} {'bw floor':>9s} "
           f"{'cmp floor':>9s} {'conv flr':>9s} {'/floor':>7s} {'/xla':>6s}")
-    times = {}
     kns = DECODE_KN[:1] if args.quick else DECODE_KN
     for kn in kns:
         xla = {}
@@ -192,10 +226,7 @@ def targets(args, mc: Machine) -> None:
             w_act = w.astype(jnp.bfloat16)
             ms = DECODE_M + (() if args.quick or kn != 4096 else PREFILL_M)
             for m in ms:
-                if m not in xla:
-                    xla[m] = _time_xla(args, w_act, m, kn)
-                t = _time_wqmm(args, qw, m, kn)
-                times[(kn, m, mode)] = t
+                t, xla[m] = paired_medians(_wqmm_job(args, qw, m, kn), _xla_job(args, w_act, m, kn))
                 bw, cmp, conv = mc.floors(m, kn, kn, mode)
                 floor = max(bw, cmp)
                 print(f"{kn:5d} {m:4d} {mode:>9s} {_ms(t)} {_ms(xla[m])} {_ms(bw)} {_ms(cmp)} {_ms(conv)} "
@@ -215,16 +246,18 @@ def targets(args, mc: Machine) -> None:
                 else:
                     check(f"m={m} {mode} within 1.1x of XLA's bf16 dot", t <= 1.1 * xla[m], f"{t / xla[m]:.2f}x")
     if not args.quick:
-        print("\nfloat16 activations and transposed weights, k = n = 4096 (ms; ratios over the bf16 ND time above)")
+        print("\nfloat16 activations and transposed weights, k = n = 4096 (ms; ratios over bf16 ND, timed with them)")
         print(f"{'m':>4s} {'weights':>9s} {'bf16 ND':>9s} {'f16 ND':>9s} {'bf16 T':>9s} {'f16/bf16':>8s} {'T/ND':>6s} "
               f"{'f16 cmp':>9s}")
         for mode in MODES:
             _, q16 = _quantized(4096, 4096, mode, act=jnp.float16)
             _, qt = _quantized(4096, 4096, mode, transpose=True)
+            _, qnd = _quantized(4096, 4096, mode)
             for m in VARIANT_M:
-                base = times[(4096, m, mode)]
-                t16 = _time_wqmm(args, q16, m, 4096, act=jnp.float16)
-                tt = _time_wqmm(args, qt, m, 4096, transpose=True)
+                # the bf16 ND time again, interleaved with the variants
+                base, t16, tt = paired_medians(_wqmm_job(args, qnd, m, 4096),
+                                               _wqmm_job(args, q16, m, 4096, act=jnp.float16),
+                                               _wqmm_job(args, qt, m, 4096, transpose=True))
                 _, cmp16, _ = mc.floors(m, 4096, 4096, mode, fp16=True)
                 print(f"{m:4d} {mode:>9s} {_ms(base)} {_ms(t16)} {_ms(tt)} {t16 / base:8.2f} {tt / base:6.2f} "
                       f"{_ms(cmp16)}", flush=True)
@@ -337,8 +370,7 @@ def sweep(args, mc: Machine) -> None:
         dcopies = copies(w_act, max(1, count // 2))
         for m in SWEEP_M:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(act)
-            t = median_seconds(fused, *[(x, d, s) for d, s in wcopies])
-            tx = median_seconds(dense, *[(x, c) for c in dcopies])
+            t, tx = paired_medians((fused, [(x, d, s) for d, s in wcopies]), (dense, [(x, c) for c in dcopies]))
             floor = max(weight_bytes / bw, m * k * n / best)
             rows.append(dict(m=m, mode=mode, t=t, xla=tx, floor=floor))
             print(f"{m:4d} {mode:>9s} {_fmt_ms(t)} {_fmt_ms(tx)} {_fmt_ms(weight_bytes / bw)} "

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "avx512_common.h"
 #include "numerics.h"
 
 #if defined(__x86_64__)
@@ -35,7 +36,9 @@ std::vector<uint32_t> PairActivations(const Problem& p) {
 #if defined(__x86_64__)
 namespace {
 
-#define WQMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+using namespace avx512;  // NOLINT
+
+#define WQMM_BF16 __attribute__((target(WQMM_AVX512_TARGET ",avx512bf16")))
 
 // A panel is a run of rows of W inside one group; its sums go through memory (raw, m x n)
 // once. Two ways to feed the dot products:
@@ -61,10 +64,6 @@ alignas(64) constexpr uint16_t kInt4Bf16[32] = {
     0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
     0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
-
-WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
-  return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
-}
 
 WQMM_INLINE __mmask32 ByteMask(int64_t bytes) {
   return bytes >= 32 ? ~__mmask32{0} : bytes <= 0 ? __mmask32{0} : (__mmask32{1} << bytes) - 1;
@@ -92,15 +91,6 @@ WQMM_BF16 WQMM_INLINE __m512i DequantPairs(__m512 fa, __m512 fb, __m512 s, __m51
   return RoundPairs(_mm512_mul_ps(fa, s), _mm512_mul_ps(fb, s));
 }
 
-// q * s for int8 codes q (int32 lanes) in one multiply-add and no conversion: the float with
-// the bits of kMagicBits + q is kMagic + q exactly (kMagic = 1.5 * 2^23, one unit in the last
-// place), and fma(kMagic + q, s, -kMagic * s) rounds the exact q * s once, which a float
-// holds (8 bits times 8). ms = -kMagic * s, exact where SafeForMagic holds.
-constexpr int32_t kMagicBits = 0x4B400000;
-constexpr float kMagic = 12582912.0f;
-WQMM_BF16 WQMM_INLINE __m512 MagicProducts(__m512i q, __m512 s, __m512 ms) {
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), s, ms);
-}
 
 // The bf16 pairs (W[k][c], W[k + 1][c]) of one tile's columns, dequantized, from rows a (k)
 // and b (k + 1) at the tile's first column j, as four vectors of 16 lanes. int8 lanes are in
@@ -354,7 +344,7 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
           const float s = Bf16ToF32(scale[i]);
           sl[jt * kTile + 16 * v + l] = s;
           ol[jt * kTile + 16 * v + l] = kOffset ? Bf16ToF32(offset[i]) : kInt4 ? 0.0f : -kMagic * s;
-          magic = magic && std::fabs(s) < 0x1p100f;  // kMagic * s exact and finite
+          magic = magic && MagicExact(s);
         }
       }
     }

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "decode_bf16.h"
+#include "avx512_common.h"
 #include "numerics.h"
 
 #if defined(__x86_64__)
@@ -29,16 +30,15 @@ bool DecodeBf16TCovers(const Problem& p) {
 #if defined(__x86_64__)
 namespace {
 
-#define WQMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+using namespace avx512;  // NOLINT
+
+#define WQMM_BF16 __attribute__((target(WQMM_AVX512_TARGET ",avx512bf16")))
 
 constexpr int64_t kStep = 32;   // k per vector of bf16
 constexpr int kCols = 4;        // columns per block
 constexpr int kBlockRows = 4;   // rows of x per block: 16 accumulators
 constexpr int64_t kChunk = 1024;  // k per chunk of dequantized columns (m > kBlockRows): 8 KiB
 
-// q * s as MagicProducts in decode_bf16.cc: kMagic + q from the integer's bits, one fma.
-constexpr int32_t kMagicBits = 0x4B400000;
-constexpr float kMagic = 12582912.0f;
 
 // The dequantization of one column in one group: its scale and offset broadcast; int8 without
 // an offset uses ms = -kMagic * s (magic: kMagic * s exact); int4 its table.
@@ -66,7 +66,7 @@ template <bool kInt4, bool kOffset>
 WQMM_BF16 WQMM_INLINE ColumnQuant MakeColumnQuant(float s, float o) {
   ColumnQuant c;
   c.s = _mm512_set1_ps(s);
-  c.magic = !kInt4 && !kOffset && std::fabs(s) < 0x1p100f;
+  c.magic = !kInt4 && !kOffset && MagicExact(s);
   c.o = _mm512_set1_ps(kOffset ? o : c.magic ? -kMagic * s : 0.0f);
   if constexpr (kInt4) c.table = Int4Table<kOffset>(c.s, c.o);
   return c;
@@ -97,9 +97,8 @@ WQMM_BF16 WQMM_INLINE __m512i ColumnWeights(const uint8_t* w, int64_t count, con
     }
     __m512 fa, fb;
     if (!kOffset && c.magic) {
-      const __m512i magic = _mm512_set1_epi32(kMagicBits);
-      fa = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(ia, magic)), c.s, c.o);
-      fb = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(ib, magic)), c.s, c.o);
+      fa = MagicProducts(ia, c.s, c.o);
+      fb = MagicProducts(ib, c.s, c.o);
     } else {  // (q + o) * s, o = 0 without an offset
       fa = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(ia), c.o), c.s);
       fb = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(ib), c.o), c.s);

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "decode_f16.h"
+#include "avx512_common.h"
 #include "numerics.h"
 
 #if defined(__x86_64__)
@@ -27,8 +28,10 @@ bool DecodeF16Covers(const Problem& p) {
 #if defined(__x86_64__)
 namespace {
 
-#define WQMM_F16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define WQMM_F16_LAMBDA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"), always_inline))
+using namespace avx512;  // NOLINT
+
+#define WQMM_F16 __attribute__((target(WQMM_AVX512_TARGET)))
+#define WQMM_F16_LAMBDA __attribute__((target(WQMM_AVX512_TARGET), always_inline))
 
 constexpr int64_t kTile = 64;      // columns per tile: four vectors of 16 floats
 constexpr int kVectors = 4;
@@ -36,35 +39,11 @@ constexpr int kBlockRows = 4;      // rows of x per register block: 16 accumulat
 constexpr int64_t kPanel = 8;      // rows of W read side by side (direct), or per build step
 constexpr int64_t kBuiltRows = 32; // rows of W dequantized once for every block of x rows (m > 4)
 
-// q * s as in decode_bf16.cc: the float with the bits of kMagicBits + q is kMagic + q, and
-// fma(kMagic + q, s, -kMagic * s) is q * s exactly (a float16 scale is far below 2^100).
-constexpr int32_t kMagicBits = 0x4B400000;
-constexpr float kMagic = 12582912.0f;
-
-WQMM_F16 WQMM_INLINE __m512 RoundF16(__m512 v) {  // to float16, nearest even, and back
-  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
-  return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
-}
-
-// float(q) of int4 codes: lanes whose low four bits are a code (vpermps reads only those).
-WQMM_F16 WQMM_INLINE __m512 Int4Values(__m512i nibbles) {
-  return _mm512_permutexvar_ps(nibbles, _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0));
-}
-
-// Lane l = byte l / 2 of b (bytes 0..7) shifted to its nibble (column 2i in the low one).
-WQMM_F16 WQMM_INLINE __m512i Int4Lanes(__m128i b) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
-  return _mm512_srlv_epi32(d, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
-}
-
 // W[k, j : j + 64) dequantized (numerics.h) from the row's codes, as four vectors: float
 // values q of the codes first (int8 without an offset: their int32 values in qi instead),
 // then the rule. kFull: a whole tile; else cols < 64 at the ragged end (the lanes past it are
 // zero codes, whose sums are never stored). s, o: the tile's scale and offset; without an
-// offset int8 takes -kMagic * s in o.
+// offset int8 takes -kMagic * s in o (MagicProducts: exact for every float16 scale).
 template <bool kInt4, bool kOffset, bool kFull>
 WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const float* s, const float* o,
                                       __m512 out[kVectors]) {
@@ -87,8 +66,7 @@ WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const fl
   for (int v = 0; v < kVectors; ++v) {
     const __m512 sv = _mm512_load_ps(s + 16 * v), ov = _mm512_load_ps(o + 16 * v);
     if constexpr (kMagicPath) {
-      const __m512 magic = _mm512_castsi512_ps(_mm512_add_epi32(qi[v], _mm512_set1_epi32(kMagicBits)));
-      out[v] = RoundF16(_mm512_fmadd_ps(magic, sv, ov));
+      out[v] = RoundF16(MagicProducts(qi[v], sv, ov));
     } else {
       const __m512 qo = kOffset ? RoundF16(_mm512_add_ps(q[v], ov)) : q[v];  // f16(q + o)
       out[v] = RoundF16(_mm512_mul_ps(qo, sv));

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "dequantize_avx512.h"
+#include "avx512_common.h"
 #include "numerics.h"
 
 #if defined(__x86_64__)
@@ -29,16 +30,10 @@ bool DequantizeAvx512Covers(const Problem& p) {
 #if defined(__x86_64__)
 namespace {
 
-#define WQMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define WQMM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+using namespace avx512;  // NOLINT
 
-// q * s as in decode_bf16.cc (kMagic + q from the integer's bits, one fma), where exact.
-constexpr int32_t kMagicBits = 0x4B400000;
-constexpr float kMagic = 12582912.0f;
-
-WQMM_INLINE __mmask16 LaneMask(int64_t cols) {
-  return cols >= 16 ? __mmask16{0xFFFF} : cols <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << cols) - 1);
-}
+#define WQMM_AVX512 __attribute__((target(WQMM_AVX512_TARGET)))
+#define WQMM_AVX512_BF16 __attribute__((target(WQMM_AVX512_TARGET ",avx512bf16")))
 
 // Sixteen codes of a row from column j as int32 (int8) or float (int4) lanes; cols < 16 at the
 // end of the slab (masked: zero codes past it).
@@ -47,15 +42,7 @@ WQMM_AVX512 WQMM_INLINE __m512i Int8Codes(const uint8_t* row, int64_t j, int64_t
 }
 
 WQMM_AVX512 WQMM_INLINE __m512 Int4Codes(const uint8_t* row, int64_t j, int64_t cols) {
-  const __m128i b = _mm_maskz_loadu_epi8(LaneMask((cols + 1) / 2), row + j / 2);
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // lane l: byte l / 2
-  const __m512i nib = _mm512_srlv_epi32(d, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
-  // vpermps reads the low four bits of each lane: the nibble's code
-  return _mm512_permutexvar_ps(nib, _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0));
-}
-
-WQMM_AVX512 WQMM_INLINE __m512 RoundF16(__m512 v) {
-  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return Int4Values(Int4Lanes(_mm_maskz_loadu_epi8(LaneMask((cols + 1) / 2), row + j / 2)));
 }
 
 // Sixteen dequantized weights in the activation dtype (kF16: float16, else bfloat16) from the
@@ -66,8 +53,7 @@ WQMM_AVX512_BF16 WQMM_INLINE __m256i Sixteen(const uint8_t* row, int64_t e, int6
                                             bool magic) {
   __m512 w;
   if (!kInt4 && !kOffset && magic) {
-    const __m512i q = Int8Codes(row, e, cols);
-    w = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), s, o);
+    w = MagicProducts(Int8Codes(row, e, cols), s, o);
   } else {
     __m512 q = kInt4 ? Int4Codes(row, e, cols) : _mm512_cvtepi32_ps(Int8Codes(row, e, cols));
     if constexpr (kOffset) {
@@ -101,7 +87,7 @@ WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1)
         const int64_t i = p.per_tensor() ? 0 : first + c0 + j;
         s[j] = Param<kF16>(p.scale, i);
         o[j] = kOffset ? Param<kF16>(p.offset, i) : 0.0f;
-        magic = magic && std::fabs(s[j]) < 0x1p100f;  // kMagic * s exact
+        magic = magic && MagicExact(s[j]);
       }
       if (magic) {
         for (int64_t j = 0; j < width; ++j) o[j] = -kMagic * s[j];
@@ -129,7 +115,7 @@ WQMM_AVX512_BF16 WQMM_INLINE void Cols(const Problem& p, int64_t j0, int64_t j1)
     for (int64_t g0 = 0; g0 < p.k; g0 += span) {
       const int64_t i = p.per_tensor() ? 0 : (p.group_size ? g0 / p.group_size * p.n : 0) + j;
       const float sf = Param<kF16>(p.scale, i);
-      const bool magic = !kInt4 && !kOffset && std::fabs(sf) < 0x1p100f;
+      const bool magic = !kInt4 && !kOffset && MagicExact(sf);
       const __m512 s = _mm512_set1_ps(sf);
       const __m512 o = _mm512_set1_ps(kOffset ? Param<kF16>(p.offset, i) : magic ? -kMagic * sf : 0.0f);
       for (int64_t kk = g0; kk < std::min(p.k, g0 + span); kk += 16) {  // groups: multiples of 32

@@ -39,22 +39,31 @@ constexpr int kBlockRows = 4;      // rows of x per register block: 16 accumulat
 constexpr int64_t kPanel = 8;      // rows of W read side by side (direct), or per build step
 constexpr int64_t kBuiltRows = 32; // rows of W dequantized once for every block of x rows (m > 4)
 
+// The column (within its tile) of lane l of vector v: int8 lanes are in column order; int4
+// ones take the low nibbles of 16 bytes, then their high nibbles (TileWeights).
+WQMM_INLINE int64_t LaneColumn(bool int4, int v, int l) { return int4 ? 32 * (v / 2) + 2 * l + (v & 1) : 16 * v + l; }
+
 // W[k, j : j + 64) dequantized (numerics.h) from the row's codes, as four vectors: float
 // values q of the codes first (int8 without an offset: their int32 values in qi instead),
-// then the rule. kFull: a whole tile; else cols < 64 at the ragged end (the lanes past it are
-// zero codes, whose sums are never stored). s, o: the tile's scale and offset; without an
-// offset int8 takes -kMagic * s in o (MagicProducts: exact for every float16 scale).
+// then the rule. int8 lanes are in column order; int4 lanes in LaneColumn's (one extension
+// serves two vectors). kFull: a whole tile; else cols < 64 at the ragged end (the lanes past
+// it are zero codes, whose sums are never kept). s, o: the tile's scale and offset in lane
+// order; without an offset int8 takes -kMagic * s in o (MagicProducts: exact for every
+// float16 scale).
 template <bool kInt4, bool kOffset, bool kFull>
 WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const float* s, const float* o,
                                       __m512 out[kVectors]) {
   constexpr bool kMagicPath = !kInt4 && !kOffset;
   __m512 q[kVectors];
   __m512i qi[kVectors];
-  if constexpr (kInt4) {
-    for (int v = 0; v < kVectors; ++v) {  // 8 bytes per vector, two columns each
-      const __m128i b = kFull ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v))
-                              : _mm_maskz_loadu_epi8(LaneMask((cols - 16 * v + 1) / 2), row + 8 * v);
-      q[v] = Int4Values(Int4Lanes(b));
+  if constexpr (kInt4) {  // 32 bytes, two columns each: the low nibbles, then the high ones
+    const int64_t bytes = (cols + 1) / 2;
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* at = row + 16 * h;
+      const __m512i d = _mm512_cvtepu8_epi32(kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(at))
+                                                   : _mm_maskz_loadu_epi8(LaneMask(bytes - 16 * h), at));
+      q[2 * h] = Int4Values(d);                              // columns 32h + 2l
+      q[2 * h + 1] = Int4Values(_mm512_srli_epi32(d, 4));  // columns 32h + 2l + 1
     }
   } else {
     for (int v = 0; v < kVectors; ++v) {
@@ -122,8 +131,12 @@ template <bool kInt4, bool kOffset>
 WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int64_t k1) {
   const int64_t m = p.m, n = p.n, tiles = (n + kTile - 1) / kTile;
   const int64_t stride = kInt4 ? n / 2 : n;
-  std::fill(y, y + m * n, 0.0f);
-  const Rows out{x, p.k, y, n};
+  // int4 sums are in lane order: into whole tiles of their own, put in column order at the end
+  const int64_t width = kInt4 ? tiles * kTile : n;
+  std::vector<float> lane_sums(kInt4 ? m * width : 0);
+  float* sums = kInt4 ? lane_sums.data() : y;
+  std::fill(sums, sums + m * width, 0.0f);
+  const Rows out{x, p.k, sums, width};
   const int64_t span = p.group_size ? p.group_size : k1 - k0;
   const bool direct = m <= kBlockRows;
   const int64_t panel = direct ? kPanel : kBuiltRows;
@@ -136,8 +149,9 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
   const auto* offset = static_cast<const uint16_t*>(p.offset);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span), first = p.group_size ? g0 / p.group_size * n : 0;
-    for (int64_t c = 0; c < tiles * kTile; ++c) {
-      const int64_t i = p.per_tensor() ? 0 : first + std::min(c, n - 1);
+    for (int64_t c = 0; c < tiles * kTile; ++c) {  // lane c: the tile's vector (c % 64) / 16
+      const int64_t col = c / kTile * kTile + LaneColumn(kInt4, static_cast<int>(c % kTile / 16), static_cast<int>(c % 16));
+      const int64_t i = p.per_tensor() ? 0 : first + std::min(col, n - 1);
       sl[c] = F16ToF32(scale[i]);
       ol[c] = kOffset ? F16ToF32(offset[i]) : -kMagic * sl[c];
     }
@@ -157,7 +171,7 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
           for (int64_t r = 0; r < ahead; ++r) {
             _mm_prefetch(reinterpret_cast<const char*>(w0 + (rows + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
           }
-          Blocks(out, m, j, std::min(kTile, n - j), r0, rows,
+          Blocks(out, m, j, kInt4 ? kTile : std::min(kTile, n - j), r0, rows,
                  [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA { weights(w0 + kk * stride, j, b); });
         }
         continue;
@@ -182,10 +196,18 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
       }
       for (int64_t jt = 0; jt < tiles; ++jt) {
         const int64_t j = jt * kTile;
-        Blocks(out, m, j, std::min(kTile, n - j), r0, rows,
+        Blocks(out, m, j, kInt4 ? kTile : std::min(kTile, n - j), r0, rows,
                [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA {
                  for (int v = 0; v < kVectors; ++v) b[v] = _mm512_load_ps(wb + (jt * kBuiltRows + kk) * kTile + 16 * v);
                });
+      }
+    }
+  }
+  if constexpr (kInt4) {  // the lane-ordered sums into y's columns
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t cc = c % kTile, v = 2 * (cc / 32) + (cc & 1);
+        y[r * n + c] = sums[r * width + c - cc + 16 * v + cc % 32 / 2];
       }
     }
   }

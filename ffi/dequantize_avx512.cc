@@ -72,6 +72,8 @@ WQMM_INLINE float Param(const void* a, int64_t i) {
   return kF16 ? F16ToF32(h) : Bf16ToF32(h);
 }
 
+constexpr int64_t kPrefetchRows = 4;
+
 // ND: the rows [r0, r1) of W[:, c0:c1] into out (rows of c1 - c0). (The float16 copies use no
 // BF16 instruction: they run on AVX-512 without it.)
 template <bool kF16, bool kInt4, bool kOffset>
@@ -95,6 +97,14 @@ WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1)
     }
     const uint8_t* row = p.x2 + kk * stride;
     uint16_t* out = static_cast<uint16_t*>(p.out) + kk * width;
+    // a slab reads a short strip of each row (width codes of stride): the strip kPrefetchRows
+    // rows ahead is prefetched, as hardware prefetchers do not follow strips
+    if (kk + kPrefetchRows < r1) {
+      const uint8_t* ahead = row + kPrefetchRows * stride + (kInt4 ? c0 / 2 : c0);
+      for (int64_t b = 0; b < (kInt4 ? width / 2 : width); b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+      }
+    }
     for (int64_t j = 0; j < width; j += 16) {
       const int64_t cols = std::min<int64_t>(16, width - j);
       const __m256i h = Sixteen<kF16, kInt4, kOffset>(row, c0 + j, cols, _mm512_loadu_ps(s.data() + j),

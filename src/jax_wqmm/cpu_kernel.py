@@ -1,4 +1,4 @@
-"""The fast CPU path: native dequantizing matmuls (ffi/cpu_kernel.cc, ffi/decode_bf16.cc) as
+"""The fast CPU path: native dequantizing matmuls (ffi/cpu_kernel.cc and the decode kernels) as
 the CPU lowering.
 
 For the cases it covers (int8 / int4 weights, ND storage, transposed or not, per-tensor /
@@ -6,11 +6,13 @@ per-channel / per-group, with or without offset, float16 / bfloat16 activations)
 primitive's CPU lowering is:
 
 - m <= :data:`SMALL_M`: one custom call that reads the quantized weight once and returns
-  ``x1 @ W + bias + x3`` (bf16 dot products on codes paired along k where the CPU has
-  AVX-512 BF16 and the activations are bfloat16, float FMAs on codes converted in cache
-  otherwise), on XLA's FFI thread pool;
-- larger m (compute-bound): a custom call that dequantizes W once to the activation dtype,
-  then XLA's own dot (float32 accumulation), which is faster than the kernel there;
+  ``x1 @ W + bias + x3`` (with AVX-512 BF16 and bfloat16 activations, bf16 dot products on
+  codes rounded to bf16, paired along k for ND storage and in k order for transposed
+  storage; with AVX-512 and float16 activations, the CPU's float16 conversions and float32
+  FMAs; float FMAs on codes converted in cache otherwise), on XLA's FFI thread pool;
+- larger m (compute-bound): a custom call that dequantizes W to the activation dtype in
+  column slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
+  accumulation), which is faster than the kernel there;
 
 followed by the operator's all-reduce as an XLA psum. Every other case (FP8, HiFloat8,
 FRACTAL_NZ) keeps the jnp reference lowering, which stays the oracle. This becomes the default

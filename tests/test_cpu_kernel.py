@@ -198,3 +198,19 @@ def test_an_unknown_isa_setting_is_refused_naming_the_choices():
                          cwd=os.path.dirname(__file__))
     assert out.returncode != 0
     assert "JAX_WQMM_CPU_ISA='bogus': must be one of avx512bf16, avx512, avx2, portable" in out.stderr
+
+
+def test_the_rate_probes_measure_what_this_cpu_runs():
+    """peak_mac_rate / convert_rate: positive where the instruction runs, 0.0 where the kernel
+    that uses it does not (portable path; the conversion probe needs AVX-512 BF16), and a clear
+    error for an unknown choice. Rates, not timings: nothing here depends on the machine's load
+    beyond being nonzero."""
+    isa = cpu_kernel.isa()
+    assert (cpu_kernel.peak_mac_rate(0.01) > 0) == (isa != "portable")
+    assert (cpu_kernel.peak_mac_rate(0.01, instruction="fma") > 0) == (isa != "portable")
+    for wd in ("int8", "int4"):
+        assert (cpu_kernel.convert_rate(wd, 0.01) > 0) == (isa == "avx512bf16")
+    with pytest.raises(ValueError, match="instruction='vnni': must be 'widest' or 'fma'"):
+        cpu_kernel.peak_mac_rate(instruction="vnni")
+    with pytest.raises(ValueError, match="weight_dtype='float8_e4m3fn': must be 'int8' or 'int4'"):
+        cpu_kernel.convert_rate("float8_e4m3fn")

@@ -32,11 +32,13 @@ WQMM_AVX512_INLINE __m512 MagicProducts(__m512i q, __m512 s, __m512 ms) {
   return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_add_epi32(q, _mm512_set1_epi32(kMagicBits))), s, ms);
 }
 
-// float(q) of the int4 codes (two's complement) in the low four bits of each lane: vpermps
-// reads only those.
-WQMM_AVX512_INLINE __m512 Int4Values(__m512i nibbles) {
-  return _mm512_permutexvar_ps(nibbles, _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0));
+// The values of the 16 int4 codes (two's complement): lane c holds float(code c).
+WQMM_AVX512_INLINE __m512 Int4CodeValues() {
+  return _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
 }
+
+// float(q) of the int4 codes in the low four bits of each lane: vpermps reads only those.
+WQMM_AVX512_INLINE __m512 Int4Values(__m512i nibbles) { return _mm512_permutexvar_ps(nibbles, Int4CodeValues()); }
 
 // Lane l = the code of element l of 8 packed bytes (element 2i in the low nibble of byte i),
 // in its low four bits.

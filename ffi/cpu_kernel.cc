@@ -441,7 +441,7 @@ void EpilogueOf(const Problem& p, const float* y, const float* bias, float* x3ro
     if (kX3) ToF32(static_cast<const char*>(p.x3) + r * p.n * x3_bytes, p.x3_dtype, p.n, x3row);
 #pragma omp simd
     for (int64_t j = 0; j < p.n; ++j) {
-      const float v = OutputElement<kF16, kBias, kX3>(yr[j], kBias ? b[j] : 0.0f, kX3 ? x3[j] : 0.0f);
+      const float v = OutputElement(kF16, yr[j], kBias, kBias ? b[j] : 0.0f, kX3, kX3 ? x3[j] : 0.0f);
       o[j] = kF16 ? F16BitsOfExact(v) : F32ToBf16(v);  // v holds a value of the dtype already
     }
   }

@@ -56,7 +56,7 @@ WQMM_INLINE __mmask32 WordMask(int64_t count) {
 // it), twice: vpermw reads five bits of each index, the fifth a neighbour's.
 template <bool kOffset>
 WQMM_BF16 WQMM_INLINE __m512i Int4Table(__m512 s, __m512 o) {
-  __m512 v = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 v = Int4CodeValues();
   if constexpr (kOffset) v = _mm512_add_ps(v, o);
   v = _mm512_mul_ps(v, s);
   return (__m512i)_mm512_cvtne2ps_pbh(v, v);

@@ -66,12 +66,6 @@ WQMM_AVX512_BF16 WQMM_INLINE __m256i Sixteen(const uint8_t* row, int64_t e, int6
   else return (__m256i)_mm512_cvtneps_pbh(w);
 }
 
-template <bool kF16>
-WQMM_INLINE float Param(const void* a, int64_t i) {
-  const uint16_t h = static_cast<const uint16_t*>(a)[i];
-  return kF16 ? F16ToF32(h) : Bf16ToF32(h);
-}
-
 constexpr int64_t kPrefetchRows = 4;
 
 // ND: the rows [r0, r1) of W[:, c0:c1] into out (rows of c1 - c0). (The float16 copies use no
@@ -79,6 +73,8 @@ constexpr int64_t kPrefetchRows = 4;
 template <bool kF16, bool kInt4, bool kOffset>
 WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t c0 = p.col_begin, c1 = p.col_end, width = c1 - c0, stride = kInt4 ? p.n / 2 : p.n;
+  const auto* scale = static_cast<const uint16_t*>(p.scale);
+  const auto* offset = static_cast<const uint16_t*>(p.offset);
   std::vector<float> s(width + 16), o(width + 16);  // the current group's, as floats
   bool magic = false;
   for (int64_t kk = r0; kk < r1; ++kk) {
@@ -87,8 +83,8 @@ WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1)
       magic = !kInt4 && !kOffset;
       for (int64_t j = 0; j < width; ++j) {
         const int64_t i = p.per_tensor() ? 0 : first + c0 + j;
-        s[j] = Param<kF16>(p.scale, i);
-        o[j] = kOffset ? Param<kF16>(p.offset, i) : 0.0f;
+        s[j] = ActToF32(kF16, scale[i]);
+        o[j] = kOffset ? ActToF32(kF16, offset[i]) : 0.0f;
         magic = magic && MagicExact(s[j]);
       }
       if (magic) {
@@ -119,15 +115,17 @@ WQMM_AVX512_BF16 WQMM_INLINE void Rows(const Problem& p, int64_t r0, int64_t r1)
 template <bool kF16, bool kInt4, bool kOffset>
 WQMM_AVX512_BF16 WQMM_INLINE void Cols(const Problem& p, int64_t j0, int64_t j1) {
   const int64_t stride = kInt4 ? p.k / 2 : p.k, span = p.group_size ? p.group_size : p.k;
+  const auto* scale = static_cast<const uint16_t*>(p.scale);
+  const auto* offset = static_cast<const uint16_t*>(p.offset);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* row = p.x2 + j * stride;
     uint16_t* out = static_cast<uint16_t*>(p.out) + (j - p.col_begin) * p.k;
     for (int64_t g0 = 0; g0 < p.k; g0 += span) {
       const int64_t i = p.per_tensor() ? 0 : (p.group_size ? g0 / p.group_size * p.n : 0) + j;
-      const float sf = Param<kF16>(p.scale, i);
+      const float sf = ActToF32(kF16, scale[i]);
       const bool magic = !kInt4 && !kOffset && MagicExact(sf);
       const __m512 s = _mm512_set1_ps(sf);
-      const __m512 o = _mm512_set1_ps(kOffset ? Param<kF16>(p.offset, i) : magic ? -kMagic * sf : 0.0f);
+      const __m512 o = _mm512_set1_ps(kOffset ? ActToF32(kF16, offset[i]) : magic ? -kMagic * sf : 0.0f);
       for (int64_t kk = g0; kk < std::min(p.k, g0 + span); kk += 16) {  // groups: multiples of 32
         const int64_t count = std::min<int64_t>(16, p.k - kk);
         _mm256_mask_storeu_epi16(out + kk, LaneMask(count), Sixteen<kF16, kInt4, kOffset>(row, kk, count, s, o, magic));

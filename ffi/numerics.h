@@ -114,32 +114,19 @@ WQMM_INLINE float Dequant(bool f16, float q, float o, float s) {
   return f16 ? DequantF16(q, o, s) : DequantBf16(q, o, s);
 }
 
+// A value of the activation dtype (f16, else bfloat16) from its bits, as a float.
+WQMM_INLINE float ActToF32(bool f16, uint16_t h) { return f16 ? F16ToF32(h) : Bf16ToF32(h); }
+
 // The output dtype's rounding of a float32 value (f16, else bfloat16).
 WQMM_INLINE float RoundOut(bool f16, float v) { return f16 ? RoundF16(v) : RoundBf16(v); }
 
 // One output element: the matmul's float32 sum plus bias, rounded; then x3 added and rounded
-// again (the kernel adds x3 after the matmul's output was written). Absent: kBias / kX3 false
-// (their arguments unused). Branch-free: vectorizes in simd loops.
-template <bool kF16, bool kBias, bool kX3>
-WQMM_INLINE float OutputElement(float acc, float bias, float x3) {
-  if constexpr (kBias) acc += bias;
-  const float y = RoundOut(kF16, acc);
-  if constexpr (kX3) return RoundOut(kF16, y + x3);
-  return y;
-}
-
-// The same with the flags at run time (the emulator).
+// again (the kernel adds x3 after the matmul's output was written). Absent: has_* false
+// (their values unused). Branch-free once inlined with constant flags: vectorizes in simd loops.
 WQMM_INLINE float OutputElement(bool f16, float acc, bool has_bias, float bias, bool has_x3, float x3) {
-  switch (f16 * 4 + has_bias * 2 + has_x3) {
-    case 0: return OutputElement<false, false, false>(acc, bias, x3);
-    case 1: return OutputElement<false, false, true>(acc, bias, x3);
-    case 2: return OutputElement<false, true, false>(acc, bias, x3);
-    case 3: return OutputElement<false, true, true>(acc, bias, x3);
-    case 4: return OutputElement<true, false, false>(acc, bias, x3);
-    case 5: return OutputElement<true, false, true>(acc, bias, x3);
-    case 6: return OutputElement<true, true, false>(acc, bias, x3);
-    default: return OutputElement<true, true, true>(acc, bias, x3);
-  }
+  if (has_bias) acc += bias;
+  const float y = RoundOut(f16, acc);
+  return has_x3 ? RoundOut(f16, y + x3) : y;
 }
 
 }  // namespace jax_wqmm

@@ -52,19 +52,25 @@ PREFILL_M = (512, 2048)
 VARIANT_M = (1, 2, 4, 8, 16, 512)  # float16 activations and transposed weights, k = n = 4096
 
 
-def median_seconds(f, *calls, budget: float = 2.0, max_reps: int = 50, warmup: float = 0.3) -> float:
-    """Median seconds of f(*args), args cycling through `calls` (argument tuples)."""
+def _warmed(f, calls, warmup: float):
+    """(call(i), seconds per call) for f over `calls` (argument tuples, cycled), after each
+    copy's first call (compile, first touch) and `warmup` seconds of steady state."""
     def call(i):
         f(*calls[i % len(calls)]).block_until_ready()
 
-    for i in range(len(calls)):                        # compile (and first touch of each copy)
+    for i in range(len(calls)):
         call(i)
     t0 = time.perf_counter()
     done = 0
-    while done < 2 or time.perf_counter() - t0 < warmup:  # steady state: caches, pools, clocks
+    while done < 2 or time.perf_counter() - t0 < warmup:  # caches, pools, clocks
         call(done)
         done += 1
-    once = (time.perf_counter() - t0) / done
+    return call, (time.perf_counter() - t0) / done
+
+
+def median_seconds(f, *calls, budget: float = 2.0, max_reps: int = 50, warmup: float = 0.3) -> float:
+    """Median seconds of f(*args), args cycling through `calls` (argument tuples)."""
+    call, once = _warmed(f, calls, warmup)
     reps = int(max(3, min(max_reps, budget / max(once, 1e-6))))
     ts = []
     for i in range(reps):
@@ -78,18 +84,7 @@ def paired_medians(*jobs, budget: float = 3.0, rounds: int = 8) -> list[float]:
     """Median seconds of each job (f, calls), measured interleaved: `rounds` rounds, each
     timing a few calls of every job in turn, so that the ratios between jobs see the same
     moments of a noisy machine (this shared VM's speed drifts by tens of percent)."""
-    timers = []
-    for f, calls in jobs:
-        def call(i, f=f, calls=calls):
-            f(*calls[i % len(calls)]).block_until_ready()
-        for i in range(len(calls)):                     # compile, first touch of each copy
-            call(i)
-        t0 = time.perf_counter()
-        done = 0
-        while done < 2 or time.perf_counter() - t0 < 0.2:  # steady state
-            call(done)
-            done += 1
-        timers.append((call, (time.perf_counter() - t0) / done))
+    timers = [_warmed(f, calls, 0.2) for f, calls in jobs]
     samples = [[] for _ in jobs]
     for r in range(rounds):
         for (call, once), ts in zip(timers, samples):
@@ -158,9 +153,7 @@ class Machine:
                      "int4/g128": cpu_kernel.convert_rate("int4", 0.5)}
         k = n = 4096
         w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16)
-        x = jax.random.normal(jax.random.key(1), (512, k), jnp.float32).astype(jnp.bfloat16)
-        dense = jax.jit(lambda x, w: jnp.dot(x, w))
-        self.xla = 512 * k * n / median_seconds(dense, *[(x, c) for c in copies(w, 4)])
+        self.xla = 512 * k * n / median_seconds(DENSE, *_calls(_x(512, k), copies(w, 4)))
         self.best = max(self.peak, self.xla)
 
     def line(self) -> str:
@@ -179,29 +172,39 @@ class Machine:
         return weight_bytes / self.bw, (m * k * n / rate if rate else 0.0), conv
 
 
-def _quantized(k, n, mode, act=jnp.bfloat16, transpose=False):
+def _quantized(k, n, mode, act=jnp.bfloat16):
+    """The float weight (k, n) and its quantization in `mode` (scales in `act`)."""
     w = jax.random.normal(jax.random.key(k), (k, n), jnp.float32) / np.sqrt(k)
-    qw = wq.quantize_weight(w, scale_dtype=act, **MODES[mode])
-    return w, (qw.with_layout(transpose=True) if transpose else qw)
+    return w, wq.quantize_weight(w, scale_dtype=act, **MODES[mode])
 
 
-def _wqmm_job(args, qw, m, k, act=jnp.bfloat16, transpose=False):
-    """(jitted call, argument copies) of jax_wqmm at m rows, weights rotated beyond the cache."""
-    g = qw.group_size
-    f = jax.jit(lambda x, d, s: wq.weight_quant_matmul_all_reduce(x, d, s, antiquant_group_size=g,
-                                                                   transpose_x2=transpose))
-    x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(act)
-    weight_bytes = qw.data.size // (2 if qw.data.dtype == jnp.int4 else 1)
-    count = max(1, -(-args.rotate_mib * 2**20 // weight_bytes))
-    return f, [(x, d, s) for d, s in copies((qw.data, qw.scale), count)]
+def _wqmm(qw):
+    """jax_wqmm jitted over (x, data, scale) of a weight stored as qw is."""
+    opts = qw.call_options
+    return jax.jit(lambda x, d, s: wq.weight_quant_matmul_all_reduce(x, d, s, **opts))
 
 
-def _xla_job(args, w_act, m, k):
-    """XLA's dot over the unquantized weight in the activation dtype."""
-    dense = jax.jit(lambda x, w: jnp.dot(x, w))
-    x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(w_act.dtype)
-    count = max(1, -(-args.rotate_mib * 2**20 // w_act.nbytes))
-    return dense, [(x, c) for c in copies(w_act, count)]
+DENSE = jax.jit(lambda x, w: jnp.dot(x, w))  # XLA's dot over an unquantized weight
+
+
+def _rotated(args, tree, nbytes: int) -> list:
+    """Copies of a weight (pytree) that together exceed --rotate-mib: calls cycle through
+    them, so weights stream from memory as in a model."""
+    return copies(tree, max(1, -(-args.rotate_mib * 2**20 // nbytes)))
+
+
+def _quantized_copies(args, qw):
+    data_bytes = qw.data.size // (2 if qw.data.dtype == jnp.int4 else 1)
+    return _rotated(args, (qw.data, qw.scale), data_bytes)
+
+
+def _x(m, k, act=jnp.bfloat16):
+    return jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(act)
+
+
+def _calls(x, weight_copies):
+    """Argument tuples (x, *weight) over the copies of a weight."""
+    return [(x, *c) if isinstance(c, tuple) else (x, c) for c in weight_copies]
 
 
 def _ms(t):
@@ -219,18 +222,22 @@ def targets(args, mc: Machine) -> None:
     print(f"{'k=n':>5s} {'m':>4s} {'weights':>9s} {'jax_wqmm':>9s} {'xla bf16':>9s} {'bw floor':>9s} "
           f"{'cmp floor':>9s} {'conv flr':>9s} {'/floor':>7s} {'/xla':>6s}")
     kns = DECODE_KN[:1] if args.quick else DECODE_KN
+    nd = {}  # the bf16 ND jobs at 4096, for the variants below
     for kn in kns:
-        xla = {}
         for mode in MODES:
             w, qw = _quantized(kn, kn, mode)
             w_act = w.astype(jnp.bfloat16)
+            f, wc, xc = _wqmm(qw), _quantized_copies(args, qw), _rotated(args, w_act, w_act.nbytes)
+            if kn == 4096:
+                nd[mode] = (qw, f, wc)
             ms = DECODE_M + (() if args.quick or kn != 4096 else PREFILL_M)
             for m in ms:
-                t, xla[m] = paired_medians(_wqmm_job(args, qw, m, kn), _xla_job(args, w_act, m, kn))
+                x = _x(m, kn)
+                t, xla = paired_medians((f, _calls(x, wc)), (DENSE, _calls(x, xc)))
                 bw, cmp, conv = mc.floors(m, kn, kn, mode)
                 floor = max(bw, cmp)
-                print(f"{kn:5d} {m:4d} {mode:>9s} {_ms(t)} {_ms(xla[m])} {_ms(bw)} {_ms(cmp)} {_ms(conv)} "
-                      f"{t / floor:7.2f} {t / xla[m]:6.2f}", flush=True)
+                print(f"{kn:5d} {m:4d} {mode:>9s} {_ms(t)} {_ms(xla)} {_ms(bw)} {_ms(cmp)} {_ms(conv)} "
+                      f"{t / floor:7.2f} {t / xla:6.2f}", flush=True)
                 if m == 1:
                     ruled = conv is not None and conv > 1.2 * bw
                     check(f"k=n={kn} m=1 {mode} within 1.2x of the bandwidth floor", t <= 1.2 * bw,
@@ -242,22 +249,22 @@ def targets(args, mc: Machine) -> None:
                     check(f"k=n={kn} m={m} {mode} within 1.5x of max(bw, cmp floor)", t <= 1.5 * floor,
                           f"{t / floor:.2f}x" + (f"; out of reach here: converting the weights alone takes "
                                                  f"{_ms(conv).strip()} ms, {conv / floor:.2f}x that floor" if ruled else ""))
-                    check(f"k=n={kn} m={m} {mode} faster than XLA's bf16 dot", t < xla[m], f"{t / xla[m]:.2f}x")
+                    check(f"k=n={kn} m={m} {mode} faster than XLA's bf16 dot", t < xla, f"{t / xla:.2f}x")
                 else:
-                    check(f"m={m} {mode} within 1.1x of XLA's bf16 dot", t <= 1.1 * xla[m], f"{t / xla[m]:.2f}x")
+                    check(f"m={m} {mode} within 1.1x of XLA's bf16 dot", t <= 1.1 * xla, f"{t / xla:.2f}x")
     if not args.quick:
         print("\nfloat16 activations and transposed weights, k = n = 4096 (ms; ratios over bf16 ND, timed with them)")
         print(f"{'m':>4s} {'weights':>9s} {'bf16 ND':>9s} {'f16 ND':>9s} {'bf16 T':>9s} {'f16/bf16':>8s} {'T/ND':>6s} "
               f"{'f16 cmp':>9s}")
         for mode in MODES:
+            qnd, f, wc = nd[mode]
             _, q16 = _quantized(4096, 4096, mode, act=jnp.float16)
-            _, qt = _quantized(4096, 4096, mode, transpose=True)
-            _, qnd = _quantized(4096, 4096, mode)
+            qt = qnd.with_layout(transpose=True)
+            jobs = [(f, wc, jnp.bfloat16), (_wqmm(q16), _quantized_copies(args, q16), jnp.float16),
+                    (_wqmm(qt), _quantized_copies(args, qt), jnp.bfloat16)]
             for m in VARIANT_M:
                 # the bf16 ND time again, interleaved with the variants
-                base, t16, tt = paired_medians(_wqmm_job(args, qnd, m, 4096),
-                                               _wqmm_job(args, q16, m, 4096, act=jnp.float16),
-                                               _wqmm_job(args, qt, m, 4096, transpose=True))
+                base, t16, tt = paired_medians(*[(g, _calls(_x(m, 4096, act), c)) for g, c, act in jobs])
                 _, cmp16, _ = mc.floors(m, 4096, 4096, mode, fp16=True)
                 print(f"{m:4d} {mode:>9s} {_ms(base)} {_ms(t16)} {_ms(tt)} {t16 / base:8.2f} {tt / base:6.2f} "
                       f"{_ms(cmp16)}", flush=True)
@@ -352,29 +359,22 @@ SWEEP_M = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def sweep(args, mc: Machine) -> None:
     """m = 1..128 at k = n = 4096: jax_wqmm and XLA's bf16 dot over max(floors)."""
-    act, k, n = jnp.bfloat16, 4096, 4096
-    w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) / np.sqrt(k)
-    w_act = w.astype(act)
-    dense = jax.jit(lambda x, w: jnp.dot(x, w))
-    bw, best = mc.bw, mc.best
+    k = n = 4096
     print(f"{'m':>4s} {'weights':>9s} {'jax_wqmm':>9s} {'xla bf16':>9s} {'bw floor':>9s} {'cmp floor':>9s}"
           f" {'/floor':>7s} {'/xla':>6s}")
     rows = []
-    for mode, kw in MODES.items():
-        qw = wq.quantize_weight(w, scale_dtype=act, **kw)
-        g = qw.group_size
-        fused = jax.jit(lambda x, d, s, g=g: wq.weight_quant_matmul_all_reduce(x, d, s, antiquant_group_size=g))
-        weight_bytes = k * n // (2 if kw["dtype"] == "int4" else 1)
-        count = max(1, -(-args.rotate_mib * 2**20 // weight_bytes))
-        wcopies = copies((qw.data, qw.scale), count)
-        dcopies = copies(w_act, max(1, count // 2))
+    for mode in MODES:
+        w, qw = _quantized(k, n, mode)
+        w_act = w.astype(jnp.bfloat16)
+        f, wc, xc = _wqmm(qw), _quantized_copies(args, qw), _rotated(args, w_act, w_act.nbytes)
         for m in SWEEP_M:
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(act)
-            t, tx = paired_medians((fused, [(x, d, s) for d, s in wcopies]), (dense, [(x, c) for c in dcopies]))
-            floor = max(weight_bytes / bw, m * k * n / best)
+            x = _x(m, k)
+            t, tx = paired_medians((f, _calls(x, wc)), (DENSE, _calls(x, xc)))
+            bw, cmp, _ = mc.floors(m, k, n, mode)
+            floor = max(bw, cmp)
             rows.append(dict(m=m, mode=mode, t=t, xla=tx, floor=floor))
-            print(f"{m:4d} {mode:>9s} {_fmt_ms(t)} {_fmt_ms(tx)} {_fmt_ms(weight_bytes / bw)} "
-                  f"{_fmt_ms(m * k * n / best)} {t / floor:7.2f} {t / tx:6.2f}", flush=True)
+            print(f"{m:4d} {mode:>9s} {_fmt_ms(t)} {_fmt_ms(tx)} {_fmt_ms(bw)} {_fmt_ms(cmp)} "
+                  f"{t / floor:7.2f} {t / tx:6.2f}", flush=True)
     if args.png:
         try:
             import matplotlib

@@ -17,11 +17,7 @@
 namespace jax_wqmm::cpu {
 
 bool DecodeBf16Covers(const Problem& p) {
-#if defined(__x86_64__)
   return p.act == Float::kBF16 && !p.transposed && (!p.int4 || p.n % 2 == 0);  // int4: rows on bytes
-#else
-  return false;
-#endif
 }
 
 std::vector<uint32_t> PairActivations(const Problem& p) {

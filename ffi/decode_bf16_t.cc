@@ -19,12 +19,8 @@
 namespace jax_wqmm::cpu {
 
 bool DecodeBf16TCovers(const Problem& p) {
-#if defined(__x86_64__)
   return p.act == Float::kBF16 && p.transposed && (!p.int4 || p.k % 2 == 0)  // int4: columns on bytes
          && p.group_size % 32 == 0;                                           // groups of whole vectors
-#else
-  return false;
-#endif
 }
 
 #if defined(__x86_64__)

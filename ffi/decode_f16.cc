@@ -18,11 +18,7 @@
 namespace jax_wqmm::cpu {
 
 bool DecodeF16Covers(const Problem& p) {
-#if defined(__x86_64__)
   return p.act == Float::kF16 && !p.transposed && (!p.int4 || p.n % 2 == 0);  // int4: rows on bytes
-#else
-  return false;
-#endif
 }
 
 #if defined(__x86_64__)

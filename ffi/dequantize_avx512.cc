@@ -18,13 +18,9 @@
 namespace jax_wqmm::cpu {
 
 bool DequantizeAvx512Covers(const Problem& p) {
-#if defined(__x86_64__)
   if (p.act != Float::kBF16 && p.act != Float::kF16) return false;
   if (p.transposed) return !p.int4 || p.k % 2 == 0;                // int4: columns on bytes
   return !p.int4 || (p.n % 2 == 0 && p.col_begin % 2 == 0);         // int4: rows and slabs on bytes
-#else
-  return false;
-#endif
 }
 
 #if defined(__x86_64__)

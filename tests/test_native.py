@@ -383,13 +383,15 @@ def test_two_processes_native_path_end_to_end(tmp_path):
         assert r["layer_custom_calls"] == 2  # one fused call per row-parallel projection
         assert r["live_tensors"] == 0 and r["live_comms_before_exit"] == 4
         assert (tmp_path / f"comms{pid}.txt").read_text() == "0", "communicators left at exit"
-    # the layer equals the single-process run (CPU lowering) of the same model
+    # the layer equals the single-process run (CPU lowering, whatever an earlier test of this
+    # module left: the emulator fixture is module-wide) of the same model
     from test_layers import ex as example  # the example module (test_layers puts it on the path)
     cfg = example.Config(hidden=256, heads=8, intermediate=512, batch=1, seq=8)
     mesh = Mesh(np.array(jax.devices()), ("tp",))
-    step, qs = example.make_step(mesh, cfg, example.quantize_params(example.init_params(jax.random.key(0), cfg), "int8"))
-    x = example.inputs(cfg)
-    y = np.asarray(step(qs, jax.device_put(jnp.asarray(x, jnp.bfloat16), NamedSharding(mesh, P()))), np.float32)
+    with wqt.default_lowering():
+        step, qs = example.make_step(mesh, cfg, example.quantize_params(example.init_params(jax.random.key(0), cfg), "int8"))
+        x = example.inputs(cfg)
+        y = np.asarray(step(qs, jax.device_put(jnp.asarray(x, jnp.bfloat16), NamedSharding(mesh, P()))), np.float32)
     for pid in (0, 1):
         got = np.load(tmp_path / f"layer{pid}.npy")
         np.testing.assert_allclose(got, y, rtol=2e-2, atol=2e-2 * np.abs(y).max())

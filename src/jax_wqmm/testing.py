@@ -33,7 +33,10 @@ from . import native
 from .hccl import create_groups, destroy_groups  # re-exported for convenience
 
 __all__ = ["Emulator", "emulator_library_path", "use_emulator", "use_reference", "emulated_npu",
-           "use_default", "create_groups", "destroy_groups", "HOST_TARGET", "NOOP_TARGET"]
+           "use_default", "default_lowering", "create_groups", "destroy_groups", "HOST_TARGET", "NOOP_TARGET"]
+
+# platform -> the use_* function that set its lowering last (absent: use_default)
+_lowering: dict = {}
 
 HOST_TARGET = "wqmm_aclnn_host"
 NOOP_TARGET = "wqmm_noop"
@@ -136,6 +139,7 @@ def use_emulator(platform: str = "cpu") -> Emulator:
     native.register_targets(platform, HOST_TARGET, NOOP_TARGET)
     register_lowering(native.native_lowering(HOST_TARGET, platform), platform)
     jax.clear_caches()  # executables compiled with the previous lowering must not be reused
+    _lowering[platform] = use_emulator
     return _emulator(os.fspath(path))
 
 
@@ -146,6 +150,7 @@ def use_reference(platform: str = "cpu") -> None:
 
     cpu_kernel.unregister(platform)
     jax.clear_caches()
+    _lowering[platform] = use_reference
 
 
 def use_default(platform: str = "cpu") -> None:
@@ -156,6 +161,19 @@ def use_default(platform: str = "cpu") -> None:
     if not cpu_kernel.register(platform):
         cpu_kernel.unregister(platform)
     jax.clear_caches()
+    _lowering[platform] = use_default
+
+
+@contextlib.contextmanager
+def default_lowering(platform: str = "cpu"):
+    """``with default_lowering():`` the op lowers as after :func:`use_default`, and afterwards
+    as it did before (the emulator or the reference, if a use_* function had set them)."""
+    previous = _lowering.get(platform, use_default)
+    use_default(platform)
+    try:
+        yield
+    finally:
+        previous(platform)
 
 
 @contextlib.contextmanager

@@ -477,8 +477,13 @@ void Matmul(const Problem& p, const Workers& workers) {
   const int threads = Threads(workers, p.m * p.k * p.n);
   if (!p.transposed && Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p)) {
     const std::vector<uint32_t> xp = PairActivations(p);
-    SplitK(workers, p, threads, y.data(),
-           [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
+    if (p.m >= kDecodeBf16BlockedRows) {  // compute-bound: columns split, no partial sums to add
+      ParallelFor(workers, p.n, 64, threads,
+                  [&](int64_t c0, int64_t c1) { DecodeBf16Blocked(p, xp.data(), y.data(), c0, c1); });
+    } else {
+      SplitK(workers, p, threads, y.data(),
+             [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
+    }
   } else if (Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16TCovers(p)) {  // columns along k: split them
     const std::vector<uint16_t> x = PadActivations(p);
     ParallelFor(workers, p.n, 64, threads,

@@ -44,6 +44,7 @@ using namespace avx512;  // NOLINT
 // - built (more rows: compute-bound): the panel's pairs are converted once, two rows of W at
 //   a time, into a buffer that every block of x rows reads. Panels are as long as keep that
 //   buffer (2 * rows * n bytes) within 512 KiB of L2, between 16 and 128 rows.
+// From kDecodeBf16BlockedRows rows of x on, Blocked runs instead: y stays in cache there.
 constexpr int64_t kDirectRows = 2, kDirectPanel = 8;
 int64_t BuiltPanel(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / 16 * 16, 16, 128); }
 // A tile: 64 columns, the four vectors of 16 lanes that one pair of rows converts to.
@@ -52,6 +53,9 @@ constexpr int kVectors = 4;
 // Register blocks of the built path: 4 rows of x by one tile, 16 accumulators fed by 4 loads
 // of pairs and 4 broadcasts of x per 16 dot products.
 constexpr int64_t kBuiltRows = 4;
+// The blocked path (many rows of x): panels of 256 rows of W over chunks of 4 tiles, so that
+// one tile's pairs (32 KiB) stay in L1 while every block of x rows runs over them.
+constexpr int64_t kBlockedPanel = 256, kChunkTiles = 4;
 
 // bf16 bits of the int4 code (i & 15) in two's complement, twice: vpermw reads five bits of
 // the index, and the fifth is the next nibble's lowest bit.
@@ -260,6 +264,35 @@ WQMM_BF16 WQMM_INLINE void BuiltRows(int64_t mr, const Tile& t, const Out& o) {
   }
 }
 
+// Converts the pairs of rows [r0, r0 + rows) of W (one panel, inside one group) in the tiles
+// [jt0, jt1) into buf, tile by tile (the blocks read them in that order). The rows are read as
+// direct panels read them (kDirectPanel side by side, the next ones prefetched), a tile at a
+// time: two rows at a time over all columns streams too slowly.
+template <bool kInt4, bool kOffset>
+WQMM_BF16 void BuildPairs(const Problem& p, int64_t r0, int64_t rows, const Group& g, int64_t jt0, int64_t jt1,
+                          __m512i* buf) {
+  const int64_t stride = kInt4 ? p.n / 2 : p.n, pairs = (rows + 1) / 2;
+  const uint8_t* w0 = p.x2 + r0 * stride;
+  constexpr int64_t kGroupPairs = kDirectPanel / 2;
+  for (int64_t kp0 = 0; kp0 < pairs; kp0 += kGroupPairs) {
+    const int64_t kp1 = std::min(pairs, kp0 + kGroupPairs);
+    const int64_t next = 2 * kp1, ahead = std::min(kDirectPanel, p.k - r0 - next);
+    for (int64_t jt = jt0; jt < jt1; ++jt) {
+      const int64_t j = jt * kTile, at = kInt4 ? j / 2 : j;
+      for (int64_t r = 0; r < ahead; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (next + r) * stride + at), _MM_HINT_T0);
+      }
+      for (int64_t kp = kp0; kp < kp1; ++kp) {
+        const uint8_t* a = w0 + 2 * kp * stride;
+        const uint8_t* b = 2 * kp + 1 < rows ? a + stride : a;  // an odd last row pairs with itself
+        __m512i* out = buf + kVectors * ((jt - jt0) * pairs + kp);
+        if (j + kTile <= p.n) PairCodes<kInt4, kOffset, true>(a + at, b + at, kTile, g.sl + kTile * jt, g.ol + kTile * jt, out);
+        else PairCodes<kInt4, kOffset, false>(a + at, b + at, p.n - j, g.sl + kTile * jt, g.ol + kTile * jt, out);
+      }
+    }
+  }
+}
+
 // Rows [r0, r0 + rows) of W (one panel, inside one group) against all columns. With many rows
 // of x the panel's pairs are built first, two rows of W at a time (two sequential read
 // streams), into buf, and every block of x rows reads them from there (L2); with few, each
@@ -271,26 +304,7 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
   const int64_t tiles = (p.n + kTile - 1) / kTile, pairs = (rows + 1) / 2;
   const uint8_t* w0 = p.x2 + r0 * stride;
   const bool build = buf != nullptr;
-  // Built panels are read as direct ones are (kDirectPanel rows side by side, the next rows
-  // prefetched), a tile at a time: two rows at a time over all columns streams too slowly.
-  constexpr int64_t kGroupPairs = kDirectPanel / 2;
-  for (int64_t kp0 = 0; kp0 < (build ? pairs : 0); kp0 += kGroupPairs) {
-    const int64_t kp1 = std::min(pairs, kp0 + kGroupPairs);
-    const int64_t next = 2 * kp1, ahead = std::min(kDirectPanel, p.k - r0 - next);
-    for (int64_t jt = 0; jt < tiles; ++jt) {
-      const int64_t j = jt * kTile, at = kInt4 ? j / 2 : j;
-      for (int64_t r = 0; r < ahead; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + (next + r) * stride + at), _MM_HINT_T0);
-      }
-      for (int64_t kp = kp0; kp < kp1; ++kp) {
-        const uint8_t* a = w0 + 2 * kp * stride;
-        const uint8_t* b = 2 * kp + 1 < rows ? a + stride : a;  // an odd last row pairs with itself
-        __m512i* out = buf + kVectors * (jt * pairs + kp);  // tile by tile: blocks read them in order
-        if (j + kTile <= p.n) PairCodes<kInt4, kOffset, true>(a + at, b + at, kTile, g.sl + kTile * jt, g.ol + kTile * jt, out);
-        else PairCodes<kInt4, kOffset, false>(a + at, b + at, p.n - j, g.sl + kTile * jt, g.ol + kTile * jt, out);
-      }
-    }
-  }
+  if (build) BuildPairs<kInt4, kOffset>(p, r0, rows, g, 0, tiles, buf);
   // Direct panels read their rows side by side: the same columns of the next panel's rows are
   // prefetched a panel ahead (hardware prefetchers do not keep up with that many streams).
   const int64_t ahead = build ? 0 : std::min(rows, p.k - r0 - rows);
@@ -314,6 +328,35 @@ WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t r
   }
 }
 
+// The scale and offset of the group from row g0, tiles [jt0, jt1), as floats in the lane order
+// of PairCodes into sl / ol (kTile floats per tile, at the tile's own place); without an offset,
+// int8 takes -kMagic * scale in ol (MagicProducts). Returns false where int8 without an offset
+// must take the plain multiply instead (a scale beyond MagicExact): ol is zero then.
+template <bool kInt4, bool kOffset>
+bool GroupLanes(const Problem& p, int64_t g0, int64_t jt0, int64_t jt1, float* sl, float* ol) {
+  const int64_t n = p.n, row = p.group_size ? g0 / p.group_size * n : 0;
+  const auto* scale = static_cast<const uint16_t*>(p.scale);
+  const auto* offset = static_cast<const uint16_t*>(p.offset);
+  bool magic = !kInt4 && !kOffset;
+  for (int64_t jt = jt0; jt < jt1; ++jt) {
+    for (int v = 0; v < kVectors; ++v) {
+      for (int l = 0; l < 16; ++l) {
+        const int64_t c = std::min(n - 1, jt * kTile + LaneColumn(kInt4, v, l));
+        const int64_t i = p.per_tensor() ? 0 : row + c;
+        const float s = Bf16ToF32(scale[i]);
+        sl[jt * kTile + 16 * v + l] = s;
+        ol[jt * kTile + 16 * v + l] = kOffset ? Bf16ToF32(offset[i]) : kInt4 ? 0.0f : -kMagic * s;
+        magic = magic && MagicExact(s);
+      }
+    }
+  }
+  if (!kOffset && !kInt4 && !magic) {
+    std::fill(ol + jt0 * kTile, ol + jt1 * kTile, 0.0f);
+    return false;
+  }
+  return true;
+}
+
 template <bool kInt4, bool kOffset>
 WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
   const int64_t m = p.m, n = p.n, tiles = (n + kTile - 1) / kTile;
@@ -327,30 +370,56 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
   std::vector<Vector> lanes(2 * tiles * kTile / 16);  // the group's scale, then offset, in lane order
   float* sl = reinterpret_cast<float*>(lanes.data());
   float* ol = sl + tiles * kTile;
-  const auto* scale = static_cast<const uint16_t*>(p.scale);
-  const auto* offset = static_cast<const uint16_t*>(p.offset);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
-    const int64_t g1 = std::min(k1, g0 + span), row = p.group_size ? g0 / p.group_size * n : 0;
-    bool magic = !kInt4 && !kOffset;  // int8 without an offset: MagicProducts where it is exact
-    for (int64_t jt = 0; jt < tiles; ++jt) {
-      for (int v = 0; v < kVectors; ++v) {
-        for (int l = 0; l < 16; ++l) {
-          const int64_t c = std::min(n - 1, jt * kTile + LaneColumn(kInt4, v, l));
-          const int64_t i = p.per_tensor() ? 0 : row + c;
-          const float s = Bf16ToF32(scale[i]);
-          sl[jt * kTile + 16 * v + l] = s;
-          ol[jt * kTile + 16 * v + l] = kOffset ? Bf16ToF32(offset[i]) : kInt4 ? 0.0f : -kMagic * s;
-          magic = magic && MagicExact(s);
-        }
-      }
-    }
-    const bool plain = !kOffset && !kInt4 && !magic;  // int8 with huge scales: offset 0 instead
-    if (plain) std::fill(ol, ol + tiles * kTile, 0.0f);
+    const int64_t g1 = std::min(k1, g0 + span);
+    const bool plain = !GroupLanes<kInt4, kOffset>(p, g0, 0, tiles, sl, ol);
     const Group g{sl, ol};
     for (int64_t r0 = g0; r0 < g1; r0 += panel) {
       const int64_t rows = std::min(panel, g1 - r0);
       if (kOffset || plain) Panel<kInt4, true>(p, xp, r0, rows, g, y, buf);
       else Panel<kInt4, false>(p, xp, r0, rows, g, y, buf);
+    }
+  }
+}
+
+// Many rows of x (compute-bound): columns [c0, c1) of y = x1 @ W over all of k, overwritten,
+// blocked as a GEMM is. For a chunk of kChunkTiles tiles, each panel of kBlockedPanel rows is
+// converted once into pairs (one tile's pairs fill L1) and every block of kBuiltRows rows of x
+// runs over them; the chunk's sums (m x 256 floats) stay in cache from panel to panel, where
+// Decode would stream all of y through memory once per panel.
+template <bool kInt4, bool kOffset>
+WQMM_BF16 void Blocked(const Problem& p, const uint32_t* xp, float* y, int64_t c0, int64_t c1) {
+  const int64_t m = p.m, n = p.n, kpairs = (p.k + 1) / 2, tiles = (n + kTile - 1) / kTile;
+  const int64_t span = p.group_size ? p.group_size : p.k;
+  struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
+  std::vector<Vector> built((kBlockedPanel + 1) / 2 * kVectors * kChunkTiles);
+  auto* buf = reinterpret_cast<__m512i*>(built.data());
+  std::vector<Vector> lanes(2 * tiles * kTile / 16);  // scale, then offset, in lane order (the chunk's tiles)
+  float* sl = reinterpret_cast<float*>(lanes.data());
+  float* ol = sl + tiles * kTile;
+  const Group g{sl, ol};
+  const int64_t jend = (c1 + kTile - 1) / kTile;
+  for (int64_t jc0 = c0 / kTile; jc0 < jend; jc0 += kChunkTiles) {
+    const int64_t jc1 = std::min(jend, jc0 + kChunkTiles), j0 = jc0 * kTile, j1 = std::min(c1, jc1 * kTile);
+    for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
+    for (int64_t g0 = 0; g0 < p.k; g0 += span) {
+      const int64_t g1 = std::min(p.k, g0 + span);
+      const bool magic_exact = GroupLanes<kInt4, kOffset>(p, g0, jc0, jc1, sl, ol);
+      const bool take_offset = kOffset || !magic_exact;  // huge int8 scales: the plain multiply
+      for (int64_t r0 = g0; r0 < g1; r0 += kBlockedPanel) {
+        const int64_t rows = std::min(kBlockedPanel, g1 - r0), pairs = (rows + 1) / 2;
+        if (take_offset) BuildPairs<kInt4, true>(p, r0, rows, g, jc0, jc1, buf);
+        else BuildPairs<kInt4, false>(p, r0, rows, g, jc0, jc1, buf);
+        for (int64_t jt = jc0; jt < jc1; ++jt) {
+          const Tile t{nullptr, 0, rows, std::min(kTile, n - jt * kTile), buf + kVectors * pairs * (jt - jc0),
+                       kVectors, xp + r0 / 2, kpairs, nullptr, nullptr};
+          for (int64_t r = 0; r < m; r += kBuiltRows) {
+            Tile tr = t;
+            tr.xp = t.xp + r * kpairs;
+            BuiltRows<kInt4>(std::min<int64_t>(kBuiltRows, m - r), tr, Out{y, n, r, jt * kTile});
+          }
+        }
+      }
     }
   }
 }
@@ -391,6 +460,16 @@ double DecodeBf16ConvertRate(bool int4, double seconds) {
   return best;
 }
 
+void DecodeBf16Blocked(const Problem& p, const uint32_t* xp, float* y, int64_t c0, int64_t c1) {
+  if (p.int4) {
+    if (p.offset) Blocked<true, true>(p, xp, y, c0, c1);
+    else Blocked<true, false>(p, xp, y, c0, c1);
+  } else {
+    if (p.offset) Blocked<false, true>(p, xp, y, c0, c1);
+    else Blocked<false, false>(p, xp, y, c0, c1);
+  }
+}
+
 void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
   if (p.int4) {
     if (p.offset) Decode<true, true>(p, xp, y, k0, k1);
@@ -404,6 +483,7 @@ void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int6
 #else
 
 void DecodeBf16(const Problem&, const uint32_t*, float*, int64_t, int64_t) {}
+void DecodeBf16Blocked(const Problem&, const uint32_t*, float*, int64_t, int64_t) {}
 double DecodeBf16ConvertRate(bool, double) { return 0.0; }
 
 #endif

@@ -30,7 +30,8 @@ import oracle
 from cases import make_case
 
 LOWERINGS = ("reference", "cpu", "emulator")
-# identity rows, repeated past the CPU kernel's SMALL_M: the large-m dequantize path
+# identity rows, repeated past the CPU kernel's SMALL_M: the large-m path (the blocked bf16
+# kernel, or the dequantize for XLA's dot)
 LARGE_M = np.arange(cpu_kernel.SMALL_M + 3) % 64
 
 
@@ -111,8 +112,8 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
     k = want.shape[0]
     eye = np.eye(k).astype(oracle.ACT_NP[act])
     soc = "Ascend950PR" if wd in ("float8_e4m3fn", "hifloat8") else "Ascend910B4"
-    # the rows each path sees: more than SMALL_M (the CPU's large-m dequantize path), all k and
-    # 16 (the fused kernel's built panels), 2 and 1 (its direct decode)
+    # the rows each path sees: more than SMALL_M (the CPU's large-m path), all k = 64 (the
+    # blocked bf16 kernel), 16 (the fused kernel's built panels), 2 and 1 (its direct decode)
     for rows in (LARGE_M, slice(0, k), slice(16, 32), slice(5, 7), slice(63, 64)):
         args = (eye[rows],) + case.args[1:]
         for lowering in LOWERINGS if isinstance(rows, slice) and rows.start == 0 else ("cpu",):
@@ -133,7 +134,7 @@ def test_huge_scales_round_as_the_kernel(layout):
     want = oracle.kernel_dequantize(oracle.decode(case.oracle["codes"], "int8"),
                                     oracle.expand(scale.astype(np.float64), 64, n, 0), None, "bfloat16")
     eye = np.eye(64).astype(ml_dtypes.bfloat16)
-    for rows in (slice(0, 64), slice(5, 7), slice(63, 64)):
+    for rows in (slice(0, 64), slice(16, 32), slice(5, 7), slice(63, 64)):  # blocked, built, direct
         f = jax.jit(lambda *a: wq.weight_quant_matmul_all_reduce(*a, **case.kwargs))
         got = np.asarray(f(*map(jnp.asarray, (eye[rows],) + args[1:3])))
         np.testing.assert_array_equal(_bits(got, "bfloat16"), _bits(want[rows], "bfloat16"), err_msg=f"rows {rows}")

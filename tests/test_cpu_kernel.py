@@ -28,13 +28,8 @@ def test_kernel_is_the_default_cpu_lowering():
                      group_size=32, offset=True, bias=True, x3=True)
     _, text = _lowered(case)
     assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
-    # large m: W dequantized in slabs for XLA's dot, but where the bf16 dot-product kernel runs
-    # (bfloat16, ND, AVX-512 BF16), the fused call at any m
-    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,), act="float16")
+    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,))
     assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(big)[1]
-    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,), act="bfloat16")
-    target = cpu_kernel.MATMUL_TARGET if cpu_kernel.isa() == "avx512bf16" else cpu_kernel.DEQUANTIZE_TARGET
-    assert f"custom_call @{target}" in _lowered(big)[1]
     fp8 = make_case(np.random.default_rng(62), weight_dtype="float8_e4m3fn")
     assert "custom_call" not in _lowered(fp8)[1]  # FP8 keeps the jnp reference
     nz = make_case(np.random.default_rng(63), fmt="FRACTAL_NZ")
@@ -132,17 +127,12 @@ def test_wide_and_narrow_shapes(m, k, n, g):
 def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off, tr):
     """m > SMALL_M at k = 4096: the weight is dequantized in slabs of 512 columns (the AVX-512
     dequantize where the CPU has it; transposed storage into the slab's transpose), the last
-    one ragged (n = 1100), then XLA's dot; except bfloat16 ND on AVX-512 BF16, which the
-    blocked fused kernel takes (one custom call, no dequantized weight)."""
+    one ragged (n = 1100), then XLA's dot."""
     m = cpu_kernel.SMALL_M + 5
     case = make_case(np.random.default_rng(3), weight_dtype=wd, granularity=gran, offset=off,
                      bias=True, lead=(m,), k=4096, n=1100, act=act, group_size=128, transpose=tr)
     f, text = _lowered(case)
-    if act == "bfloat16" and not tr and cpu_kernel.isa() == "avx512bf16":
-        assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
-        assert cpu_kernel.DEQUANTIZE_TARGET not in text
-    else:
-        assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") == 3
+    assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") == 3
     expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
     oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
 

@@ -10,12 +10,10 @@ primitive's CPU lowering is:
   codes rounded to bf16, paired along k for ND storage and in k order for transposed
   storage; with AVX-512 and float16 activations, the CPU's float16 conversions and float32
   FMAs; float FMAs on codes converted in cache otherwise), on XLA's FFI thread pool;
-- larger m (compute-bound), bfloat16 activations and ND storage on AVX-512 BF16: the same
-  custom call, whose kernel is blocked as a GEMM from m = 64 on (each panel of W converted
-  once, every block of rows of x over it; as fast as XLA's bf16 dot over an unquantized
-  weight or faster, measured on a 2-core Zen 4);
-- larger m otherwise: a custom call that dequantizes W to the activation dtype in column
-  slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
+  (from m = 64 on, with AVX-512 BF16, bfloat16 activations and ND storage, the kernel is
+  blocked as a GEMM: each panel of W converted once, every block of rows of x over it);
+- larger m (compute-bound): a custom call that dequantizes W to the activation dtype in
+  column slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
   accumulation), which is faster than the kernel there;
 
 followed by the operator's all-reduce as an XLA psum. Every other case (FP8, HiFloat8,
@@ -35,14 +33,15 @@ from jax.interpreters import mlir
 from . import native, reference
 from .spec import WqmmSpec, unpack_operands, pack_operands
 
-__all__ = ["SMALL_M", "supports", "fused", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
+__all__ = ["SMALL_M", "supports", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
            "DEQUANTIZE_TARGET", "peak_mac_rate", "convert_rate"]
 
 MATMUL_TARGET = "wqmm_cpu_matmul"
 DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
-#: Up to this many rows (m) the fused kernel runs on every path; above it, dequantize + XLA's
-#: dot (measured on a 2-core Zen 4 at k = n = 4096: the kernel is faster up to m = 256, 2-3x at
-#: m = 32-128), except where :func:`fused` says the blocked bf16 kernel runs at any m.
+#: Up to this many rows (m) the fused kernel runs; above it, dequantize + XLA's dot (measured
+#: on a 2-core Zen 4 at k = n = 4096: the kernel is faster up to m = 256, 2-3x at m = 32-128;
+#: the blocked bf16 kernel is 1.0-1.2x XLA's dot at m = 512 and 1.3-1.4x at 2048, where its
+#: sums of one column chunk no longer fit in L2).
 SMALL_M = 256
 #: Elements of W dequantized per slab on the large-m path.
 DEQUANTIZE_SLAB = 1 << 21
@@ -54,21 +53,11 @@ def supports(spec: WqmmSpec) -> bool:
             and spec.act_dtype in ("float16", "bfloat16"))
 
 
-def fused(spec: WqmmSpec) -> bool:
-    """Whether a covered call (:func:`supports`) runs as one fused custom call: at m <=
-    :data:`SMALL_M`, and at any m where the bf16 dot-product kernel takes it (AVX-512 BF16,
-    bfloat16 activations, ND storage; int4 with an even n), which is blocked for large m.
-    Else W is dequantized in column slabs for XLA's dot."""
-    bf16_kernel = (spec.act_dtype == "bfloat16" and not spec.transpose_x2 and isa() == "avx512bf16"
-                   and (spec.weight_dtype != "int4" or spec.n % 2 == 0))
-    return spec.m <= SMALL_M or bf16_kernel
-
-
 def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
     """One rank's ``x1 @ ((x2 + offset) * scale) + bias + x3`` through the CPU kernels."""
     attrs = native.ffi_attributes(spec)
     out_type = jax.typeof(x1).update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype))
-    if fused(spec):
+    if spec.m <= SMALL_M:
         call = jax.ffi.ffi_call(MATMUL_TARGET, out_type)
         return call(*pack_operands(x1, x2, scale, offset, bias, x3), **attrs)
     # Dequantize and multiply a slab of columns at a time: each slab's weight is a small

@@ -289,16 +289,6 @@ void ParallelFor(const Workers& w, int64_t total, int64_t align, int threads, F&
   w.run(tasks, [&](int t) { body(t * per, std::min(total, (t + 1) * per)); });
 }
 
-#define WQMM_DISPATCH(Impl, p, ...)                                              \
-  do {                                                                           \
-    if ((p).int4) {                                                              \
-      if ((p).offset) Impl<true, true>(p, __VA_ARGS__);                          \
-      else Impl<true, false>(p, __VA_ARGS__);                                    \
-    } else {                                                                     \
-      if ((p).offset) Impl<false, true>(p, __VA_ARGS__);                         \
-      else Impl<false, false>(p, __VA_ARGS__);                                   \
-    }                                                                            \
-  } while (0)
 
 // The hot loops, one copy per instruction set: the always-inline templates above are
 // inlined into each and vectorized for its target. Nothing is built with -march=native;

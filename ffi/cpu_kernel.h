@@ -8,6 +8,18 @@
 #include <functional>
 #include <string>
 
+// Impl<int4, offset>(p, ...) for a Problem p: the kernels are templates on both.
+#define WQMM_DISPATCH(Impl, p, ...)                                              \
+  do {                                                                           \
+    if ((p).int4) {                                                              \
+      if ((p).offset) Impl<true, true>(p, __VA_ARGS__);                          \
+      else Impl<true, false>(p, __VA_ARGS__);                                    \
+    } else {                                                                     \
+      if ((p).offset) Impl<false, true>(p, __VA_ARGS__);                         \
+      else Impl<false, false>(p, __VA_ARGS__);                                   \
+    }                                                                            \
+  } while (0)
+
 namespace jax_wqmm::cpu {
 
 enum class Float : int { kF16 = 0, kBF16 = 1, kF32 = 2 };

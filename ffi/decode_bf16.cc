@@ -461,23 +461,11 @@ double DecodeBf16ConvertRate(bool int4, double seconds) {
 }
 
 void DecodeBf16Blocked(const Problem& p, const uint32_t* xp, float* y, int64_t c0, int64_t c1) {
-  if (p.int4) {
-    if (p.offset) Blocked<true, true>(p, xp, y, c0, c1);
-    else Blocked<true, false>(p, xp, y, c0, c1);
-  } else {
-    if (p.offset) Blocked<false, true>(p, xp, y, c0, c1);
-    else Blocked<false, false>(p, xp, y, c0, c1);
-  }
+  WQMM_DISPATCH(Blocked, p, xp, y, c0, c1);
 }
 
 void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
-  if (p.int4) {
-    if (p.offset) Decode<true, true>(p, xp, y, k0, k1);
-    else Decode<true, false>(p, xp, y, k0, k1);
-  } else {
-    if (p.offset) Decode<false, true>(p, xp, y, k0, k1);
-    else Decode<false, false>(p, xp, y, k0, k1);
-  }
+  WQMM_DISPATCH(Decode, p, xp, y, k0, k1);
 }
 
 #else

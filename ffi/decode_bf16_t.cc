@@ -256,13 +256,7 @@ std::vector<uint16_t> PadActivations(const Problem& p) {
 
 void DecodeBf16T(const Problem& p, const uint16_t* x, float* y, int64_t c0, int64_t c1) {
   const int64_t kpad = (p.k + kStep - 1) / kStep * kStep;
-  if (p.int4) {
-    if (p.offset) DecodeT<true, true>(p, x, kpad, y, c0, c1);
-    else DecodeT<true, false>(p, x, kpad, y, c0, c1);
-  } else {
-    if (p.offset) DecodeT<false, true>(p, x, kpad, y, c0, c1);
-    else DecodeT<false, false>(p, x, kpad, y, c0, c1);
-  }
+  WQMM_DISPATCH(DecodeT, p, x, kpad, y, c0, c1);
 }
 
 #else

@@ -212,13 +212,7 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
 }  // namespace
 
 void DecodeF16(const Problem& p, const float* x, float* y, int64_t k0, int64_t k1) {
-  if (p.int4) {
-    if (p.offset) Decode<true, true>(p, x, y, k0, k1);
-    else Decode<true, false>(p, x, y, k0, k1);
-  } else {
-    if (p.offset) Decode<false, true>(p, x, y, k0, k1);
-    else Decode<false, false>(p, x, y, k0, k1);
-  }
+  WQMM_DISPATCH(Decode, p, x, y, k0, k1);
 }
 
 #else

@@ -125,9 +125,9 @@ def assert_close(actual, expected, mag, dtype: str, ranks: int = 1):
     actual = f64(actual)
     tol = (3 + ranks) * UNIT_ROUNDOFF[dtype] * mag + 1e-30
     err = np.abs(actual - expected)
-    bad = err > tol
+    bad = ~(err <= tol)  # NaN is outside every tolerance
     if bad.any():
-        i = np.unravel_index(np.argmax(err - tol), err.shape)
+        i = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(err - tol, nan=np.inf), -np.inf)), err.shape)
         raise AssertionError(
             f"{bad.sum()} of {bad.size} elements outside tolerance; worst at {i}: "
             f"actual {actual[i]}, expected {expected[i]}, tol {tol[i]}")

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -420,15 +422,16 @@ WQMM_PROBE_FMA(ProbeAvx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _
 // round. Rows at a time, branch-free inside (it vectorizes: at small m this is no longer
 // negligible next to the matmul).
 template <bool kF16, bool kBias, bool kX3>
-void EpilogueOf(const Problem& p, const float* y, const float* bias, float* x3row) {
+void EpilogueOf(const Problem& p, const float* y, const float* bias, int64_t r0, int64_t r1) {
   auto* out = static_cast<uint16_t*>(p.out);
   const int64_t x3_bytes = p.x3_dtype == Float::kF32 ? 4 : 2;
-  for (int64_t r = 0; r < p.m; ++r) {
+  std::vector<float> x3row(kX3 ? p.n : 0);
+  for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict yr = y + r * p.n;
     const float* __restrict b = bias;
-    const float* __restrict x3 = x3row;
+    const float* __restrict x3 = x3row.data();
     uint16_t* __restrict o = out + r * p.n;
-    if (kX3) ToF32(static_cast<const char*>(p.x3) + r * p.n * x3_bytes, p.x3_dtype, p.n, x3row);
+    if (kX3) ToF32(static_cast<const char*>(p.x3) + r * p.n * x3_bytes, p.x3_dtype, p.n, x3row.data());
 #pragma omp simd
     for (int64_t j = 0; j < p.n; ++j) {
       const float v = OutputElement(kF16, yr[j], kBias, kBias ? b[j] : 0.0f, kX3, kX3 ? x3[j] : 0.0f);
@@ -437,15 +440,16 @@ void EpilogueOf(const Problem& p, const float* y, const float* bias, float* x3ro
   }
 }
 
-void Epilogue(const Problem& p, const float* y) {
-  std::vector<float> bias(p.bias ? p.n : 0), x3row(p.x3 ? p.n : 0);
+// Rows split between the threads: at large m the epilogue streams m x n floats.
+void Epilogue(const Problem& p, const float* y, const Workers& workers, int threads) {
+  std::vector<float> bias(p.bias ? p.n : 0);
   if (p.bias) ToF32(p.bias, p.bias_dtype, p.n, bias.data());
   const int which = (p.act == Float::kF16) * 4 + (p.bias != nullptr) * 2 + (p.x3 != nullptr);
   auto* f = std::array{EpilogueOf<false, false, false>, EpilogueOf<false, false, true>,
                        EpilogueOf<false, true, false>, EpilogueOf<false, true, true>,
                        EpilogueOf<true, false, false>, EpilogueOf<true, false, true>,
                        EpilogueOf<true, true, false>, EpilogueOf<true, true, true>}[which];
-  f(p, y, bias.data(), x3row.data());
+  ParallelFor(workers, p.m, 1, threads, [&](int64_t r0, int64_t r1) { f(p, y, bias.data(), r0, r1); });
 }
 
 }  // namespace
@@ -463,41 +467,47 @@ Workers OwnThreads() {
 }
 
 void Matmul(const Problem& p, const Workers& workers) {
-  std::vector<float> y(p.m * p.n);
+  // The float32 sums, not zeroed here: every kernel below initializes the part it owns (a
+  // serial memset of m x n floats was a visible cost at large m).
+  std::unique_ptr<float[]> y_buf(new float[p.m * p.n]);
+  float* y = y_buf.get();
+  static const bool poison = std::getenv("JAX_WQMM_CPU_POISON") != nullptr;  // tests: NaN where no kernel writes
+  if (poison) std::fill(y, y + p.m * p.n, std::numeric_limits<float>::quiet_NaN());
   const int threads = Threads(workers, p.m * p.k * p.n);
   if (!p.transposed && Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p)) {
-    const std::vector<uint32_t> xp = PairActivations(p);
+    const ActivationPairs xp(p);
     if (p.m >= kDecodeBf16BlockedRows) {  // compute-bound: columns split, no partial sums to add
       ParallelFor(workers, p.n, 64, threads,
-                  [&](int64_t c0, int64_t c1) { DecodeBf16Blocked(p, xp.data(), y.data(), c0, c1); });
+                  [&](int64_t c0, int64_t c1) { DecodeBf16Blocked(p, xp.data(), y, c0, c1); });
     } else {
-      SplitK(workers, p, threads, y.data(),
+      SplitK(workers, p, threads, y,
              [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
     }
   } else if (Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16TCovers(p)) {  // columns along k: split them
     const std::vector<uint16_t> x = PadActivations(p);
     ParallelFor(workers, p.n, 64, threads,
-                [&](int64_t c0, int64_t c1) { DecodeBf16T(p, x.data(), y.data(), c0, c1); });
+                [&](int64_t c0, int64_t c1) { DecodeBf16T(p, x.data(), y, c0, c1); });
   } else if (Detect() >= IsaLevel::kAvx512 && DecodeF16Covers(p)) {
     std::vector<float> x(p.m * p.k);
     ToF32(p.x1, p.act, p.m * p.k, x.data());
-    SplitK(workers, p, threads, y.data(),
+    SplitK(workers, p, threads, y,
            [&](float* out, int64_t k0, int64_t k1) { DecodeF16(p, x.data(), out, k0, k1); });
   } else {
     QuantParams q = MakeQuantParams(p);
     std::vector<float> x(p.m * p.k);
     ToF32(p.x1, p.act, p.m * p.k, x.data());
+    std::fill(y, y + p.m * p.n, 0.0f);  // the portable kernels add into y
     if (p.transposed) {  // columns are contiguous along k: split the columns
       const MatmulFn cols = Selected().cols;
       ParallelFor(workers, p.n, 64, threads,
-                  [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y.data(), c0, c1); });
+                  [&](int64_t c0, int64_t c1) { cols(p, q, x.data(), y, c0, c1); });
     } else {
       const MatmulFn rows = Selected().rows_nd;
-      SplitK(workers, p, threads, y.data(),
+      SplitK(workers, p, threads, y,
              [&](float* out, int64_t k0, int64_t k1) { rows(p, q, x.data(), out, k0, k1); });
     }
   }
-  Epilogue(p, y.data());
+  Epilogue(p, y, workers, threads);
 }
 
 void Dequantize(const Problem& p, const Workers& workers) {

@@ -20,13 +20,14 @@ bool DecodeBf16Covers(const Problem& p) {
   return p.act == Float::kBF16 && !p.transposed && (!p.int4 || p.n % 2 == 0);  // int4: rows on bytes
 }
 
-std::vector<uint32_t> PairActivations(const Problem& p) {
+ActivationPairs::ActivationPairs(const Problem& p) : data_(static_cast<const PairWord*>(p.x1)) {
+  if (p.k % 2 == 0) return;  // rows of whole pairs: x1 is its own pairs
   const int64_t pairs = (p.k + 1) / 2;
-  std::vector<uint32_t> xp(p.m * pairs, 0);
+  copy_.assign(p.m * pairs, 0);
   for (int64_t r = 0; r < p.m; ++r) {
-    std::memcpy(xp.data() + r * pairs, static_cast<const uint16_t*>(p.x1) + r * p.k, p.k * 2);
+    std::memcpy(copy_.data() + r * pairs, static_cast<const uint16_t*>(p.x1) + r * p.k, p.k * 2);
   }
-  return xp;
+  data_ = copy_.data();
 }
 
 #if defined(__x86_64__)
@@ -189,7 +190,7 @@ struct Tile {
   int64_t rows, cols;      // rows of the panel, columns of the tile (<= 64)
   const __m512i* pairs;    // the tile's first pair in the panel's built pairs, or null
   int64_t pair_stride;     // vectors from one pair to the next in pairs
-  const uint32_t* xp;      // x pairs of the block's first row at the panel's first pair
+  const PairWord* xp;      // x pairs of the block's first row at the panel's first pair
   int64_t kpairs;          // x pairs per row
   const float *sl, *ol;    // the tile's scale / offset in lane order (direct blocks)
 };
@@ -298,7 +299,7 @@ WQMM_BF16 void BuildPairs(const Problem& p, int64_t r0, int64_t rows, const Grou
 // streams), into buf, and every block of x rows reads them from there (L2); with few, each
 // tile converts its codes as it goes.
 template <bool kInt4, bool kOffset>
-WQMM_BF16 void Panel(const Problem& p, const uint32_t* xp, int64_t r0, int64_t rows, const Group& g,
+WQMM_BF16 void Panel(const Problem& p, const PairWord* xp, int64_t r0, int64_t rows, const Group& g,
                      float* y, __m512i* buf /* null: direct */) {
   const int64_t stride = kInt4 ? p.n / 2 : p.n, kpairs = (p.k + 1) / 2;
   const int64_t tiles = (p.n + kTile - 1) / kTile, pairs = (rows + 1) / 2;
@@ -358,7 +359,7 @@ bool GroupLanes(const Problem& p, int64_t g0, int64_t jt0, int64_t jt1, float* s
 }
 
 template <bool kInt4, bool kOffset>
-WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
+WQMM_BF16 void Decode(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1) {
   const int64_t m = p.m, n = p.n, tiles = (n + kTile - 1) / kTile;
   std::fill(y, y + m * n, 0.0f);
   const int64_t span = p.group_size ? p.group_size : k1 - k0;
@@ -388,7 +389,7 @@ WQMM_BF16 void Decode(const Problem& p, const uint32_t* xp, float* y, int64_t k0
 // runs over them; the chunk's sums (m x 256 floats) stay in cache from panel to panel, where
 // Decode would stream all of y through memory once per panel.
 template <bool kInt4, bool kOffset>
-WQMM_BF16 void Blocked(const Problem& p, const uint32_t* xp, float* y, int64_t c0, int64_t c1) {
+WQMM_BF16 void Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c0, int64_t c1) {
   const int64_t m = p.m, n = p.n, kpairs = (p.k + 1) / 2, tiles = (n + kTile - 1) / kTile;
   const int64_t span = p.group_size ? p.group_size : p.k;
   struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
@@ -460,18 +461,18 @@ double DecodeBf16ConvertRate(bool int4, double seconds) {
   return best;
 }
 
-void DecodeBf16Blocked(const Problem& p, const uint32_t* xp, float* y, int64_t c0, int64_t c1) {
+void DecodeBf16Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c0, int64_t c1) {
   WQMM_DISPATCH(Blocked, p, xp, y, c0, c1);
 }
 
-void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1) {
+void DecodeBf16(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1) {
   WQMM_DISPATCH(Decode, p, xp, y, k0, k1);
 }
 
 #else
 
-void DecodeBf16(const Problem&, const uint32_t*, float*, int64_t, int64_t) {}
-void DecodeBf16Blocked(const Problem&, const uint32_t*, float*, int64_t, int64_t) {}
+void DecodeBf16(const Problem&, const PairWord*, float*, int64_t, int64_t) {}
+void DecodeBf16Blocked(const Problem&, const PairWord*, float*, int64_t, int64_t) {}
 double DecodeBf16ConvertRate(bool, double) { return 0.0; }
 
 #endif

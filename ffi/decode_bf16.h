@@ -17,12 +17,24 @@ namespace jax_wqmm::cpu {
 // the caller checks the ISA).
 bool DecodeBf16Covers(const Problem& p);
 
-// x1 (m, k) bf16 as pairs along k, (m, ceil(k / 2)) uint32, an odd k padded with a zero.
-std::vector<uint32_t> PairActivations(const Problem& p);
+// Two bf16 of x1 side by side, read as one 32-bit word (may alias x1's 16-bit elements).
+using PairWord = uint32_t __attribute__((may_alias));
+
+// x1 (m, k) bf16 as pairs along k, (m, ceil(k / 2)) words: x1 itself for an even k (no copy),
+// else a copy with each row padded with a zero.
+class ActivationPairs {
+ public:
+  explicit ActivationPairs(const Problem& p);
+  const PairWord* data() const { return data_; }
+
+ private:
+  std::vector<uint32_t> copy_;
+  const PairWord* data_;
+};
 
 // y (m, n), overwritten = x1[:, k0:k1] @ ((x2 + offset) * scale)[k0:k1, :], in float32.
-// k0 is a multiple of the group size (per-group) or of 16; xp comes from PairActivations.
-void DecodeBf16(const Problem& p, const uint32_t* xp, float* y, int64_t k0, int64_t k1);
+// k0 is a multiple of the group size (per-group) or of 16; xp comes from ActivationPairs.
+void DecodeBf16(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1);
 
 // From this many rows of x on, DecodeBf16Blocked is the faster (measured on a 2-core Zen 4 at
 // k = n = 4096: 5-10% at m = 64 and 128, the same at 32).
@@ -30,7 +42,7 @@ constexpr int64_t kDecodeBf16BlockedRows = 64;
 
 // y[:, c0:c1] = x1 @ ((x2 + offset) * scale)[:, c0:c1] over all of k, in float32 (the rest of
 // y untouched; c0 a multiple of 64), blocked as a GEMM: for many rows of x.
-void DecodeBf16Blocked(const Problem& p, const uint32_t* xp, float* y, int64_t c0, int64_t c1);
+void DecodeBf16Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c0, int64_t c1);
 
 // Codes (int8 without an offset, or int4) converted to the rounded bf16 pairs per second, on
 // every core, by DecodeBf16's own conversion loop on codes in L1 (no memory traffic, no dot

@@ -28,8 +28,14 @@ def test_kernel_is_the_default_cpu_lowering():
                      group_size=32, offset=True, bias=True, x3=True)
     _, text = _lowered(case)
     assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
-    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,))
+    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.BLOCKED_M + 1,))
     assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(big)[1]
+    # between the two: the blocked bf16 kernel where it runs, else the slabs
+    mid = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,))
+    blocked = cpu_kernel.isa() == "avx512bf16"
+    assert f"custom_call @{cpu_kernel.MATMUL_TARGET if blocked else cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(mid)[1]
+    mid16 = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,), act="float16")
+    assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(mid16)[1]
     fp8 = make_case(np.random.default_rng(62), weight_dtype="float8_e4m3fn")
     assert "custom_call" not in _lowered(fp8)[1]  # FP8 keeps the jnp reference
     nz = make_case(np.random.default_rng(63), fmt="FRACTAL_NZ")
@@ -125,10 +131,10 @@ def test_wide_and_narrow_shapes(m, k, n, g):
 @pytest.mark.parametrize("wd,gran,off", [("int4", "per_group", True), ("int8", "per_channel", False)])
 @pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
 def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off, tr):
-    """m > SMALL_M at k = 4096: the weight is dequantized in slabs of 512 columns (the AVX-512
-    dequantize where the CPU has it; transposed storage into the slab's transpose), the last
-    one ragged (n = 1100), then XLA's dot."""
-    m = cpu_kernel.SMALL_M + 5
+    """m > SMALL_M and BLOCKED_M at k = 4096: the weight is dequantized in slabs of 512 columns
+    (the AVX-512 dequantize where the CPU has it; transposed storage into the slab's
+    transpose), the last one ragged (n = 1100), then XLA's dot."""
+    m = max(cpu_kernel.SMALL_M, cpu_kernel.BLOCKED_M) + 5
     case = make_case(np.random.default_rng(3), weight_dtype=wd, granularity=gran, offset=off,
                      bias=True, lead=(m,), k=4096, n=1100, act=act, group_size=128, transpose=tr)
     f, text = _lowered(case)

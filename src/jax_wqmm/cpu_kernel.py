@@ -11,7 +11,8 @@ primitive's CPU lowering is:
   storage; with AVX-512 and float16 activations, the CPU's float16 conversions and float32
   FMAs; float FMAs on codes converted in cache otherwise), on XLA's FFI thread pool;
   (from m = 64 on, with AVX-512 BF16, bfloat16 activations and ND storage, the kernel is
-  blocked as a GEMM: each panel of W converted once, every block of rows of x over it);
+  blocked as a GEMM: each panel of W converted once, every block of rows of x over it; that
+  kernel also takes m <= :data:`BLOCKED_M`);
 - larger m (compute-bound): a custom call that dequantizes W to the activation dtype in
   column slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
   accumulation), which is faster than the kernel there;
@@ -33,16 +34,20 @@ from jax.interpreters import mlir
 from . import native, reference
 from .spec import WqmmSpec, unpack_operands, pack_operands
 
-__all__ = ["SMALL_M", "supports", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
+__all__ = ["SMALL_M", "BLOCKED_M", "supports", "fused", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
            "DEQUANTIZE_TARGET", "peak_mac_rate", "convert_rate"]
 
 MATMUL_TARGET = "wqmm_cpu_matmul"
 DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
 #: Up to this many rows (m) the fused kernel runs; above it, dequantize + XLA's dot (measured
-#: on a 2-core Zen 4 at k = n = 4096: the kernel is faster up to m = 256, 2-3x at m = 32-128;
-#: the blocked bf16 kernel is 1.0-1.2x XLA's dot at m = 512 and 1.3-1.4x at 2048, where its
-#: sums of one column chunk no longer fit in L2).
+#: on a 2-core Zen 4 at k = n = 4096: the kernel is faster up to m = 256, 2-3x at m = 32-128).
 SMALL_M = 256
+#: Up to this many rows the blocked bf16 kernel runs where it covers the call (AVX-512 BF16,
+#: bfloat16 activations, ND storage): measured on the same machine at m = 512, 1.00-1.03x
+#: XLA's bf16 dot over unquantized weights where the slabs took 1.08-1.12x; at m = 1024 neither
+#: wins clearly, and at 2048 the kernel takes 1.2-1.3x the slabs' time (its sums of one
+#: column chunk, 2 MiB there, no longer fit in L2).
+BLOCKED_M = 512
 #: Elements of W dequantized per slab on the large-m path.
 DEQUANTIZE_SLAB = 1 << 21
 
@@ -53,11 +58,21 @@ def supports(spec: WqmmSpec) -> bool:
             and spec.act_dtype in ("float16", "bfloat16"))
 
 
+def fused(spec: WqmmSpec) -> bool:
+    """Whether a covered call (:func:`supports`) runs as one fused custom call: m <=
+    :data:`SMALL_M`, or m <= :data:`BLOCKED_M` where the blocked bf16 kernel takes it
+    (AVX-512 BF16, bfloat16 activations, ND storage, int4 with an even n). Else W is
+    dequantized in column slabs for XLA's dot."""
+    blocked = (spec.act_dtype == "bfloat16" and not spec.transpose_x2 and isa() == "avx512bf16"
+               and (spec.weight_dtype != "int4" or spec.n % 2 == 0))
+    return spec.m <= SMALL_M or (blocked and spec.m <= BLOCKED_M)
+
+
 def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:
     """One rank's ``x1 @ ((x2 + offset) * scale) + bias + x3`` through the CPU kernels."""
     attrs = native.ffi_attributes(spec)
     out_type = jax.typeof(x1).update(shape=spec.out_shape, dtype=jnp.dtype(spec.out_dtype))
-    if spec.m <= SMALL_M:
+    if fused(spec):
         call = jax.ffi.ffi_call(MATMUL_TARGET, out_type)
         return call(*pack_operands(x1, x2, scale, offset, bias, x3), **attrs)
     # Dequantize and multiply a slab of columns at a time: each slab's weight is a small

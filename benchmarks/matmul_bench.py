@@ -168,7 +168,7 @@ class Machine:
         """(bw, cmp, conv) floors in seconds (conv None where the bf16 kernel does not run)."""
         weight_bytes = k * n // (2 if mode == "int4/g128" else 1)
         rate = self.fma if fp16 else self.best
-        conv = None if fp16 or not self.conv[mode] or m > cpu_kernel.BLOCKED_M else k * n / self.conv[mode]
+        conv = None if fp16 or not self.conv[mode] else k * n / self.conv[mode]  # where the bf16 kernel runs
         return weight_bytes / self.bw, (m * k * n / rate if rate else 0.0), conv
 
 

@@ -55,8 +55,10 @@ constexpr int kVectors = 4;
 // of pairs and 4 broadcasts of x per 16 dot products.
 constexpr int64_t kBuiltRows = 4;
 // The blocked path (many rows of x): panels of 256 rows of W over chunks of 4 tiles, so that
-// one tile's pairs (32 KiB) stay in L1 while every block of x rows runs over them.
-constexpr int64_t kBlockedPanel = 256, kChunkTiles = 4;
+// one tile's pairs (32 KiB) stay in L1 while every block of x rows runs over them; at most
+// 512 rows of x at a time (their sums for one chunk, 512 KiB, stay in L2; W is converted
+// once per 512 rows: at m = 2048 this took the kernel from 213-291 ms to 177-199 ms).
+constexpr int64_t kBlockedPanel = 256, kChunkTiles = 4, kBlockedRowBlock = 512;
 
 // bf16 bits of the int4 code (i & 15) in two's complement, twice: vpermw reads five bits of
 // the index, and the fifth is the next nibble's lowest bit.
@@ -384,13 +386,13 @@ WQMM_BF16 void Decode(const Problem& p, const PairWord* xp, float* y, int64_t k0
 }
 
 // Many rows of x (compute-bound): columns [c0, c1) of y = x1 @ W over all of k, overwritten,
-// blocked as a GEMM is. For a chunk of kChunkTiles tiles, each panel of kBlockedPanel rows is
-// converted once into pairs (one tile's pairs fill L1) and every block of kBuiltRows rows of x
-// runs over them; the chunk's sums (m x 256 floats) stay in cache from panel to panel, where
-// Decode would stream all of y through memory once per panel.
+// blocked as a GEMM is. For up to kBlockedRowBlock rows of x and a chunk of kChunkTiles
+// tiles, each panel of kBlockedPanel rows is converted once into pairs (one tile's pairs fill
+// L1) and every block of kBuiltRows rows of x runs over them; the chunk's sums stay in cache
+// from panel to panel, where Decode would stream all of y through memory once per panel.
 template <bool kInt4, bool kOffset>
 WQMM_BF16 void Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c0, int64_t c1) {
-  const int64_t m = p.m, n = p.n, kpairs = (p.k + 1) / 2, tiles = (n + kTile - 1) / kTile;
+  const int64_t n = p.n, kpairs = (p.k + 1) / 2, tiles = (n + kTile - 1) / kTile;
   const int64_t span = p.group_size ? p.group_size : p.k;
   struct alignas(64) Vector { uint32_t lanes[16]; };  // one __m512i, over-aligned new (C++17)
   std::vector<Vector> built((kBlockedPanel + 1) / 2 * kVectors * kChunkTiles);
@@ -400,24 +402,27 @@ WQMM_BF16 void Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c
   float* ol = sl + tiles * kTile;
   const Group g{sl, ol};
   const int64_t jend = (c1 + kTile - 1) / kTile;
-  for (int64_t jc0 = c0 / kTile; jc0 < jend; jc0 += kChunkTiles) {
-    const int64_t jc1 = std::min(jend, jc0 + kChunkTiles), j0 = jc0 * kTile, j1 = std::min(c1, jc1 * kTile);
-    for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
-    for (int64_t g0 = 0; g0 < p.k; g0 += span) {
-      const int64_t g1 = std::min(p.k, g0 + span);
-      const bool magic_exact = GroupLanes<kInt4, kOffset>(p, g0, jc0, jc1, sl, ol);
-      const bool take_offset = kOffset || !magic_exact;  // huge int8 scales: the plain multiply
-      for (int64_t r0 = g0; r0 < g1; r0 += kBlockedPanel) {
-        const int64_t rows = std::min(kBlockedPanel, g1 - r0), pairs = (rows + 1) / 2;
-        if (take_offset) BuildPairs<kInt4, true>(p, r0, rows, g, jc0, jc1, buf);
-        else BuildPairs<kInt4, false>(p, r0, rows, g, jc0, jc1, buf);
-        for (int64_t jt = jc0; jt < jc1; ++jt) {
-          const Tile t{nullptr, 0, rows, std::min(kTile, n - jt * kTile), buf + kVectors * pairs * (jt - jc0),
-                       kVectors, xp + r0 / 2, kpairs, nullptr, nullptr};
-          for (int64_t r = 0; r < m; r += kBuiltRows) {
-            Tile tr = t;
-            tr.xp = t.xp + r * kpairs;
-            BuiltRows<kInt4>(std::min<int64_t>(kBuiltRows, m - r), tr, Out{y, n, r, jt * kTile});
+  for (int64_t i0 = 0; i0 < p.m; i0 += kBlockedRowBlock) {
+    const int64_t i1 = std::min(p.m, i0 + kBlockedRowBlock);
+    for (int64_t jc0 = c0 / kTile; jc0 < jend; jc0 += kChunkTiles) {
+      const int64_t jc1 = std::min(jend, jc0 + kChunkTiles), j0 = jc0 * kTile, j1 = std::min(c1, jc1 * kTile);
+      for (int64_t r = i0; r < i1; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
+      for (int64_t g0 = 0; g0 < p.k; g0 += span) {
+        const int64_t g1 = std::min(p.k, g0 + span);
+        const bool magic_exact = GroupLanes<kInt4, kOffset>(p, g0, jc0, jc1, sl, ol);
+        const bool take_offset = kOffset || !magic_exact;  // huge int8 scales: the plain multiply
+        for (int64_t r0 = g0; r0 < g1; r0 += kBlockedPanel) {
+          const int64_t rows = std::min(kBlockedPanel, g1 - r0), pairs = (rows + 1) / 2;
+          if (take_offset) BuildPairs<kInt4, true>(p, r0, rows, g, jc0, jc1, buf);
+          else BuildPairs<kInt4, false>(p, r0, rows, g, jc0, jc1, buf);
+          for (int64_t jt = jc0; jt < jc1; ++jt) {
+            const Tile t{nullptr, 0, rows, std::min(kTile, n - jt * kTile), buf + kVectors * pairs * (jt - jc0),
+                         kVectors, xp + r0 / 2, kpairs, nullptr, nullptr};
+            for (int64_t r = i0; r < i1; r += kBuiltRows) {
+              Tile tr = t;
+              tr.xp = t.xp + r * kpairs;
+              BuiltRows<kInt4>(std::min<int64_t>(kBuiltRows, i1 - r), tr, Out{y, n, r, jt * kTile});
+            }
           }
         }
       }

@@ -28,14 +28,13 @@ def test_kernel_is_the_default_cpu_lowering():
                      group_size=32, offset=True, bias=True, x3=True)
     _, text = _lowered(case)
     assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
-    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.BLOCKED_M + 1,))
-    assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(big)[1]
-    # between the two: the blocked bf16 kernel where it runs, else the slabs
-    mid = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,))
+    # large m: the blocked bf16 kernel where it runs (bfloat16, ND, AVX-512 BF16), else W
+    # dequantized in slabs for XLA's dot
+    big = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,))
     blocked = cpu_kernel.isa() == "avx512bf16"
-    assert f"custom_call @{cpu_kernel.MATMUL_TARGET if blocked else cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(mid)[1]
-    mid16 = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,), act="float16")
-    assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(mid16)[1]
+    assert f"custom_call @{cpu_kernel.MATMUL_TARGET if blocked else cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(big)[1]
+    big16 = make_case(np.random.default_rng(61), lead=(cpu_kernel.SMALL_M + 1,), act="float16")
+    assert f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}" in _lowered(big16)[1]
     fp8 = make_case(np.random.default_rng(62), weight_dtype="float8_e4m3fn")
     assert "custom_call" not in _lowered(fp8)[1]  # FP8 keeps the jnp reference
     nz = make_case(np.random.default_rng(63), fmt="FRACTAL_NZ")
@@ -96,15 +95,16 @@ def test_bf16_decode_kernel_wide_n(m, wd):
     oracle.assert_close(y, expected, mag, "bfloat16")
 
 
-@pytest.mark.parametrize("m", [64, 130])
+@pytest.mark.parametrize("m", [64, 130, 1030])
 @pytest.mark.parametrize("wd,n", [("int8", 1100), ("int4", 1102)])
 @pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 96)])
 @pytest.mark.parametrize("off", [False, True])
 def test_bf16_blocked_kernel(m, wd, n, gran, g, off):
     """bfloat16 activations, ND storage, m >= 64: on AVX-512 BF16 machines the kernel blocked as
     a GEMM (panels of 256 rows of W over chunks of four 64-column tiles, the columns split
-    between threads). k = 601 is odd and spans three panels (per group: groups of 96, the last
-    one short); n leaves a ragged last tile and chunk; m = 130 a partial block of rows."""
+    between threads, at most 512 rows of x at a time). k = 601 is odd and spans three panels
+    (per group: groups of 96, the last one short); n leaves a ragged last tile and chunk; m =
+    130 a partial block of rows, m = 1030 three blocks of rows, the last partial."""
     case = make_case(np.random.default_rng(m + n + len(gran)), weight_dtype=wd, granularity=gran,
                      offset=off, bias=True, x3=True, lead=(m,), k=601, n=n, group_size=g or 64)
     f, text = _lowered(case)
@@ -131,14 +131,19 @@ def test_wide_and_narrow_shapes(m, k, n, g):
 @pytest.mark.parametrize("wd,gran,off", [("int4", "per_group", True), ("int8", "per_channel", False)])
 @pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
 def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off, tr):
-    """m > SMALL_M and BLOCKED_M at k = 4096: the weight is dequantized in slabs of 512 columns
-    (the AVX-512 dequantize where the CPU has it; transposed storage into the slab's
-    transpose), the last one ragged (n = 1100), then XLA's dot."""
-    m = max(cpu_kernel.SMALL_M, cpu_kernel.BLOCKED_M) + 5
+    """m > SMALL_M at k = 4096: the weight is dequantized in slabs of 512 columns (the AVX-512
+    dequantize where the CPU has it; transposed storage into the slab's transpose), the last
+    one ragged (n = 1100), then XLA's dot; except bfloat16 ND with AVX-512 BF16, which the
+    blocked kernel takes (one custom call, no dequantized weight)."""
+    m = cpu_kernel.SMALL_M + 5
     case = make_case(np.random.default_rng(3), weight_dtype=wd, granularity=gran, offset=off,
                      bias=True, lead=(m,), k=4096, n=1100, act=act, group_size=128, transpose=tr)
     f, text = _lowered(case)
-    assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") == 3
+    if act == "bfloat16" and not tr and cpu_kernel.isa() == "avx512bf16":
+        assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
+        assert cpu_kernel.DEQUANTIZE_TARGET not in text
+    else:
+        assert text.count(f"custom_call @{cpu_kernel.DEQUANTIZE_TARGET}") == 3
     expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
     oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
 

@@ -30,8 +30,9 @@ import oracle
 from cases import make_case
 
 LOWERINGS = ("reference", "cpu", "emulator")
-# identity rows, repeated past the CPU kernel's SMALL_M and BLOCKED_M: the large-m dequantize path
-LARGE_M = np.arange(max(cpu_kernel.SMALL_M, cpu_kernel.BLOCKED_M) + 3) % 64
+# identity rows, repeated past the CPU kernel's SMALL_M and its 512-row blocks: the large-m
+# path (the blocked bf16 kernel, or the dequantize for XLA's dot)
+LARGE_M = np.arange(2 * cpu_kernel.SMALL_M + 3) % 64
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
     k = want.shape[0]
     eye = np.eye(k).astype(oracle.ACT_NP[act])
     soc = "Ascend950PR" if wd in ("float8_e4m3fn", "hifloat8") else "Ascend910B4"
-    # the rows each path sees: more than SMALL_M and BLOCKED_M (the large-m dequantize path), all k = 64
+    # the rows each path sees: more than SMALL_M (the large-m path), all k = 64
     # (the blocked bf16 kernel), 16 (the fused kernel's built panels), 2 and 1 (its direct decode)
     for rows in (LARGE_M, slice(0, k), slice(16, 32), slice(5, 7), slice(63, 64)):
         args = (eye[rows],) + case.args[1:]
@@ -206,8 +207,9 @@ def _exact_case(rng, m, k, n, act, wd, off, bias, x3):
 def test_exact_sums_with_bias_and_x3_are_the_kernels_rounding(one_device_group, act, wd, off, bias, x3):
     mesh, emu = one_device_group
     rng = np.random.default_rng(zlib.crc32(repr((act, wd, off, bias, x3)).encode()))
-    # 100 and SMALL_M + 3: the blocked bf16 kernel (where it runs); the last: the slab path
-    for m in (1, 2, 16, 40, 100, cpu_kernel.SMALL_M + 3, cpu_kernel.BLOCKED_M + 3):
+    # 100 and more: the blocked bf16 kernel where it runs (515: two blocks of rows), else the
+    # slabs above SMALL_M
+    for m in (1, 2, 16, 40, 100, cpu_kernel.SMALL_M + 3, 2 * cpu_kernel.SMALL_M + 3):
         args, want = _exact_case(rng, m, 64, 48, act, wd, off, bias, x3)
         for lowering in LOWERINGS:
             got = _call(lowering, args, {}, mesh, emu, "Ascend910B4")

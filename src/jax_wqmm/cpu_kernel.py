@@ -12,10 +12,10 @@ primitive's CPU lowering is:
   FMAs; float FMAs on codes converted in cache otherwise), on XLA's FFI thread pool;
   (from m = 64 on, with AVX-512 BF16, bfloat16 activations and ND storage, the kernel is
   blocked as a GEMM: each panel of W converted once, every block of rows of x over it; that
-  kernel also takes m <= :data:`BLOCKED_M`);
-- larger m (compute-bound): a custom call that dequantizes W to the activation dtype in
-  column slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
-  accumulation), which is faster than the kernel there;
+  kernel takes every m, as fast as XLA's bf16 dot over unquantized weights or faster);
+- larger m otherwise (compute-bound): a custom call that dequantizes W to the activation dtype
+  in column slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
+  accumulation), which is faster than those kernels there;
 
 followed by the operator's all-reduce as an XLA psum. Every other case (FP8, HiFloat8,
 FRACTAL_NZ) keeps the jnp reference lowering, which stays the oracle. This becomes the default
@@ -34,7 +34,7 @@ from jax.interpreters import mlir
 from . import native, reference
 from .spec import WqmmSpec, unpack_operands, pack_operands
 
-__all__ = ["SMALL_M", "BLOCKED_M", "supports", "fused", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
+__all__ = ["SMALL_M", "supports", "fused", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
            "DEQUANTIZE_TARGET", "peak_mac_rate", "convert_rate"]
 
 MATMUL_TARGET = "wqmm_cpu_matmul"
@@ -42,12 +42,6 @@ DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
 #: Up to this many rows (m) the fused kernel runs; above it, dequantize + XLA's dot (measured
 #: on a 2-core Zen 4 at k = n = 4096: the kernel is faster up to m = 256, 2-3x at m = 32-128).
 SMALL_M = 256
-#: Up to this many rows the blocked bf16 kernel runs where it covers the call (AVX-512 BF16,
-#: bfloat16 activations, ND storage): measured on the same machine at m = 512, 1.00-1.03x
-#: XLA's bf16 dot over unquantized weights where the slabs took 1.08-1.12x; at m = 1024 neither
-#: wins clearly, and at 2048 the kernel takes 1.2-1.3x the slabs' time (its sums of one
-#: column chunk, 2 MiB there, no longer fit in L2).
-BLOCKED_M = 512
 #: Elements of W dequantized per slab on the large-m path.
 DEQUANTIZE_SLAB = 1 << 21
 
@@ -59,13 +53,14 @@ def supports(spec: WqmmSpec) -> bool:
 
 
 def fused(spec: WqmmSpec) -> bool:
-    """Whether a covered call (:func:`supports`) runs as one fused custom call: m <=
-    :data:`SMALL_M`, or m <= :data:`BLOCKED_M` where the blocked bf16 kernel takes it
-    (AVX-512 BF16, bfloat16 activations, ND storage, int4 with an even n). Else W is
-    dequantized in column slabs for XLA's dot."""
+    """Whether a covered call (:func:`supports`) runs as one fused custom call: at m <=
+    :data:`SMALL_M`, and at every m where the blocked bf16 kernel takes it (AVX-512 BF16,
+    bfloat16 activations, ND storage, int4 with an even n; measured on a 2-core Zen 4 at k = n
+    = 4096: 0.98-0.99x XLA's bf16 dot at m = 512 and 0.93-0.97x at 2048, where the slabs took
+    1.10-1.15x). Else W is dequantized in column slabs for XLA's dot."""
     blocked = (spec.act_dtype == "bfloat16" and not spec.transpose_x2 and isa() == "avx512bf16"
                and (spec.weight_dtype != "int4" or spec.n % 2 == 0))
-    return spec.m <= SMALL_M or (blocked and spec.m <= BLOCKED_M)
+    return spec.m <= SMALL_M or blocked
 
 
 def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:

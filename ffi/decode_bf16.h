@@ -25,6 +25,8 @@ using PairWord = uint32_t __attribute__((may_alias));
 class ActivationPairs {
  public:
   explicit ActivationPairs(const Problem& p);
+  ActivationPairs(const ActivationPairs&) = delete;  // data_ may point into copy_
+  ActivationPairs& operator=(const ActivationPairs&) = delete;
   const PairWord* data() const { return data_; }
 
  private:

@@ -10,9 +10,10 @@ primitive's CPU lowering is:
   codes rounded to bf16, paired along k for ND storage and in k order for transposed
   storage; with AVX-512 and float16 activations, the CPU's float16 conversions and float32
   FMAs; float FMAs on codes converted in cache otherwise), on XLA's FFI thread pool;
-  (from m = 64 on, with AVX-512 BF16, bfloat16 activations and ND storage, the kernel is
-  blocked as a GEMM: each panel of W converted once, every block of rows of x over it; that
-  kernel takes every m, as fast as XLA's bf16 dot over unquantized weights or faster);
+- every m with AVX-512 BF16, bfloat16 activations and ND storage: the same custom call, whose
+  kernel is blocked as a GEMM from m = 64 on (each panel of W converted once, every block of
+  rows of x over it), as fast as XLA's bf16 dot over unquantized weights or faster
+  (:func:`fused`);
 - larger m otherwise (compute-bound): a custom call that dequantizes W to the activation dtype
   in column slabs (transposed storage: into the slab's transpose), then XLA's own dot (float32
   accumulation), which is faster than those kernels there;

@@ -333,8 +333,9 @@ WQMM_BF16 void Panel(const Problem& p, const PairWord* xp, int64_t r0, int64_t r
 
 // The scale and offset of the group from row g0, tiles [jt0, jt1), as floats in the lane order
 // of PairCodes into sl / ol (kTile floats per tile, at the tile's own place); without an offset,
-// int8 takes -kMagic * scale in ol (MagicProducts). Returns false where int8 without an offset
-// must take the plain multiply instead (a scale beyond MagicExact): ol is zero then.
+// int8 takes -kMagic * scale in ol (MagicProducts). Returns whether the pairs take ol as an
+// offset (PairCodes<.., true, ..>): with an offset, and for int8 whose scales are beyond
+// MagicExact, which takes the plain multiply with a zero ol instead.
 template <bool kInt4, bool kOffset>
 bool GroupLanes(const Problem& p, int64_t g0, int64_t jt0, int64_t jt1, float* sl, float* ol) {
   const int64_t n = p.n, row = p.group_size ? g0 / p.group_size * n : 0;
@@ -355,9 +356,9 @@ bool GroupLanes(const Problem& p, int64_t g0, int64_t jt0, int64_t jt1, float* s
   }
   if (!kOffset && !kInt4 && !magic) {
     std::fill(ol + jt0 * kTile, ol + jt1 * kTile, 0.0f);
-    return false;
+    return true;
   }
-  return true;
+  return kOffset;
 }
 
 template <bool kInt4, bool kOffset>
@@ -375,11 +376,11 @@ WQMM_BF16 void Decode(const Problem& p, const PairWord* xp, float* y, int64_t k0
   float* ol = sl + tiles * kTile;
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span);
-    const bool plain = !GroupLanes<kInt4, kOffset>(p, g0, 0, tiles, sl, ol);
+    const bool with_offset = GroupLanes<kInt4, kOffset>(p, g0, 0, tiles, sl, ol);
     const Group g{sl, ol};
     for (int64_t r0 = g0; r0 < g1; r0 += panel) {
       const int64_t rows = std::min(panel, g1 - r0);
-      if (kOffset || plain) Panel<kInt4, true>(p, xp, r0, rows, g, y, buf);
+      if (with_offset) Panel<kInt4, true>(p, xp, r0, rows, g, y, buf);
       else Panel<kInt4, false>(p, xp, r0, rows, g, y, buf);
     }
   }
@@ -409,11 +410,10 @@ WQMM_BF16 void Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c
       for (int64_t r = i0; r < i1; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
       for (int64_t g0 = 0; g0 < p.k; g0 += span) {
         const int64_t g1 = std::min(p.k, g0 + span);
-        const bool magic_exact = GroupLanes<kInt4, kOffset>(p, g0, jc0, jc1, sl, ol);
-        const bool take_offset = kOffset || !magic_exact;  // huge int8 scales: the plain multiply
+        const bool with_offset = GroupLanes<kInt4, kOffset>(p, g0, jc0, jc1, sl, ol);
         for (int64_t r0 = g0; r0 < g1; r0 += kBlockedPanel) {
           const int64_t rows = std::min(kBlockedPanel, g1 - r0), pairs = (rows + 1) / 2;
-          if (take_offset) BuildPairs<kInt4, true>(p, r0, rows, g, jc0, jc1, buf);
+          if (with_offset) BuildPairs<kInt4, true>(p, r0, rows, g, jc0, jc1, buf);
           else BuildPairs<kInt4, false>(p, r0, rows, g, jc0, jc1, buf);
           for (int64_t jt = jc0; jt < jc1; ++jt) {
             const Tile t{nullptr, 0, rows, std::min(kTile, n - jt * kTile), buf + kVectors * pairs * (jt - jc0),

@@ -127,7 +127,7 @@ def assert_close(actual, expected, mag, dtype: str, ranks: int = 1):
     err = np.abs(actual - expected)
     bad = ~(err <= tol)  # NaN is outside every tolerance
     if bad.any():
-        i = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(err - tol, nan=np.inf), -np.inf)), err.shape)
+        i = np.unravel_index(np.argmax(np.where(np.isnan(err), np.inf, err - tol)), err.shape)
         raise AssertionError(
             f"{bad.sum()} of {bad.size} elements outside tolerance; worst at {i}: "
             f"actual {actual[i]}, expected {expected[i]}, tol {tol[i]}")

@@ -383,8 +383,8 @@ def test_two_processes_native_path_end_to_end(tmp_path):
         assert r["layer_custom_calls"] == 2  # one fused call per row-parallel projection
         assert r["live_tensors"] == 0 and r["live_comms_before_exit"] == 4
         assert (tmp_path / f"comms{pid}.txt").read_text() == "0", "communicators left at exit"
-    # the layer equals the single-process run (CPU lowering, whatever an earlier test of this
-    # module left: the emulator fixture is module-wide) of the same model
+    # the layer equals the single-process run of the same model on the default CPU lowering
+    # (not the emulator that this module's fixture may have left set)
     from test_layers import ex as example  # the example module (test_layers puts it on the path)
     cfg = example.Config(hidden=256, heads=8, intermediate=512, batch=1, seq=8)
     mesh = Mesh(np.array(jax.devices()), ("tp",))

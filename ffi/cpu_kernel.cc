@@ -560,8 +560,8 @@ double PeakMacRate(double seconds, bool float_fma) {
 #endif
 }
 
-double ConvertRate(bool int4, double seconds) {
-  return Detect() == IsaLevel::kAvx512Bf16 ? DecodeBf16ConvertRate(int4, seconds) : 0.0;
+double ConvertRate(bool int4, int rows, double seconds) {
+  return Detect() == IsaLevel::kAvx512Bf16 ? DecodeBf16ConvertRate(int4, rows, seconds) : 0.0;
 }
 
 std::string Isa() {

@@ -66,8 +66,10 @@ double PeakMacRate(double seconds, bool float_fma = false);
 // Weights per second that the bf16 decode kernel converts from codes (int8 without an offset,
 // or int4) to the rounded bf16 it multiplies, on every core, codes in L1: the floor of its
 // per-weight conversion (the numeric contract rounds each weight). 0 where that kernel does
-// not run (no AVX-512 BF16).
-double ConvertRate(bool int4, double seconds);
+// not run (no AVX-512 BF16). rows > 0: each converted pair also feeds that many rows of x's dot
+// products in registers (1, 2, 4, 8 or 16; std::invalid_argument otherwise), the kernel's inner
+// loop without its memory traffic: the floor of converting and multiplying at m = rows.
+double ConvertRate(bool int4, int rows, double seconds);
 // The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
 std::string Isa();
 

@@ -47,9 +47,12 @@ constexpr int64_t kDecodeBf16BlockedRows = 64;
 void DecodeBf16Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c0, int64_t c1);
 
 // Codes (int8 without an offset, or int4) converted to the rounded bf16 pairs per second, on
-// every core, by DecodeBf16's own conversion loop on codes in L1 (no memory traffic, no dot
-// products): the floor of that conversion, measured for about `seconds`; 0 off x86.
-double DecodeBf16ConvertRate(bool int4, double seconds);
+// every core, by DecodeBf16's own conversion loop on codes in L1 (no memory traffic): the floor
+// of that conversion, measured for about `seconds`; 0 off x86. With rows (1, 2, 4, 8 or 16)
+// each converted pair also feeds that many rows of x's dot products in registers: the floor of
+// converting and multiplying (on CPUs where the two share the vector units, more than the sum
+// of either alone at peak would suggest). std::invalid_argument for other rows.
+double DecodeBf16ConvertRate(bool int4, int rows, double seconds);
 
 // Transposed storage (x2 as (n, k); int4 with an even k; groups of a multiple of 32):
 // decode_bf16_t.cc.

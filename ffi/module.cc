@@ -76,9 +76,10 @@ NB_MODULE(_wqmm_ffi, m) {
         nb::arg("float_fma") = false, nb::call_guard<nb::gil_scoped_release>(),
         "Multiply-adds per second of all cores on the kernels' widest instruction, or on float "
         "FMAs (0: unknown).");
-  m.def("cpu_convert_rate", &jax_wqmm::cpu::ConvertRate, nb::arg("int4"), nb::arg("seconds") = 0.2,
-        nb::call_guard<nb::gil_scoped_release>(),
-        "Weights per second the bf16 decode kernel converts to rounded bf16, codes in L1 (0: not run).");
+  m.def("cpu_convert_rate", &jax_wqmm::cpu::ConvertRate, nb::arg("int4"), nb::arg("rows") = 0,
+        nb::arg("seconds") = 0.2, nb::call_guard<nb::gil_scoped_release>(),
+        "Weights per second the bf16 decode kernel converts to rounded bf16 (and multiplies with "
+        "`rows` rows of x), codes in L1 (0: not run).");
 
   // ------------------------------------------------------------------ loader
   m.def("load_cann", [](const std::vector<std::string>& dirs,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_wqmm as wq
-from jax_wqmm import cpu_kernel
+from jax_wqmm import cpu_kernel, native
 import oracle
 from cases import make_case, to_jax
 
@@ -61,7 +61,7 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
     oracle.assert_close(y, expected, mag, act)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("wd,n", [("int8", 37), ("int4", 70)])
 @pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 32),
                                     ("per_group", 96)])
@@ -69,8 +69,8 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
 @pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
 def test_bf16_decode_kernel(m, wd, n, gran, g, off, tr):
     """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: codes
-    converted tile by tile for m <= 2, else a panel's pairs built first; k = 417 is odd and
-    leaves groups of 96 split over panels; n is not a multiple of the 64-column tile.
+    converted tile by tile for m <= 4 (16-row panels), else a panel's pairs built first; k =
+    417 is odd and leaves groups of 96 split over panels; n is not a multiple of the 64-column tile.
     Transposed: 32 k of a column per vector (int4 through a table per column and group); k =
     417 (int8) and 418 (int4, whose columns must start on bytes) end in a partial vector, n in
     a partial block of four columns, and m > 4 takes the chunked path."""
@@ -237,7 +237,14 @@ def test_the_rate_probes_measure_what_this_cpu_runs():
     assert (cpu_kernel.peak_mac_rate(0.01) > 0) == (isa != "portable")
     assert (cpu_kernel.peak_mac_rate(0.01, instruction="fma") > 0) == (isa != "portable")
     for wd in ("int8", "int4"):
-        assert (cpu_kernel.convert_rate(wd, 0.01) > 0) == (isa == "avx512bf16")
+        for rows in cpu_kernel.CONVERT_ROWS:
+            assert (cpu_kernel.convert_rate(wd, 0.01, rows=rows) > 0) == (isa == "avx512bf16")
+    if isa == "avx512bf16":  # 16 rows: 16 dot products per converted pair, 64 per step: it runs them
+        assert 1.5 * cpu_kernel.convert_rate("int8", 0.05, rows=16) < cpu_kernel.convert_rate("int8", 0.05)
+        with pytest.raises(ValueError, match="rows=3: must be 0, 1, 2, 4, 8 or 16"):  # the extension's own check
+            native.extension().cpu_convert_rate(False, 3, 0.01)
+    with pytest.raises(ValueError, match=r"rows=3: must be one of \(0, 1, 2, 4, 8, 16\)"):
+        cpu_kernel.convert_rate("int8", rows=3)
     with pytest.raises(ValueError, match="instruction='vnni': must be 'widest' or 'fma'"):
         cpu_kernel.peak_mac_rate(instruction="vnni")
     with pytest.raises(ValueError, match="weight_dtype='float8_e4m3fn': must be 'int8' or 'int4'"):

@@ -36,7 +36,7 @@ from . import native, reference
 from .spec import WqmmSpec, unpack_operands, pack_operands
 
 __all__ = ["SMALL_M", "supports", "fused", "local_matmul", "register", "unregister", "isa", "MATMUL_TARGET",
-           "DEQUANTIZE_TARGET", "peak_mac_rate", "convert_rate"]
+           "DEQUANTIZE_TARGET", "peak_mac_rate", "convert_rate", "CONVERT_ROWS"]
 
 MATMUL_TARGET = "wqmm_cpu_matmul"
 DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
@@ -45,6 +45,8 @@ DEQUANTIZE_TARGET = "wqmm_cpu_dequantize"
 SMALL_M = 256
 #: Elements of W dequantized per slab on the large-m path.
 DEQUANTIZE_SLAB = 1 << 21
+#: The rows of x that convert_rate can multiply each converted pair with (0: convert only).
+CONVERT_ROWS = (0, 1, 2, 4, 8, 16)
 
 
 def supports(spec: WqmmSpec) -> bool:
@@ -142,12 +144,18 @@ def peak_mac_rate(seconds: float = 0.2, instruction: str = "widest") -> float:
     return native.extension().cpu_peak_mac_rate(seconds, instruction == "fma")
 
 
-def convert_rate(weight_dtype: str, seconds: float = 0.2) -> float:
+def convert_rate(weight_dtype: str, seconds: float = 0.2, rows: int = 0) -> float:
     """Weights per second that the bfloat16 decode kernel converts from ``weight_dtype``
     ("int8" or "int4") codes to the rounded bfloat16 it multiplies (numeric contract: each
     weight is rounded), on all cores, with the codes in L1: a floor of k*n / rate on any
-    bfloat16 call of that kernel, measured now for about ``seconds``. 0.0 where that kernel
-    does not run (no AVX-512 BF16)."""
+    bfloat16 call of that kernel, measured now for about ``seconds``. With ``rows`` (1, 2, 4,
+    8 or 16) each converted pair of weights also feeds the dot products of that many rows of x,
+    in registers: the kernel's inner loop at m = rows without its memory traffic, a floor of
+    k*n / rate for that m (where conversion and dot products compete for the same vector
+    units, it exceeds the sum of the conversion floor and the compute floor at peak). 0.0 where
+    that kernel does not run (no AVX-512 BF16)."""
     if weight_dtype not in ("int8", "int4"):
         raise ValueError(f"weight_dtype={weight_dtype!r}: must be 'int8' or 'int4'")
-    return native.extension().cpu_convert_rate(weight_dtype == "int4", seconds)
+    if rows not in CONVERT_ROWS:
+        raise ValueError(f"rows={rows!r}: must be one of {CONVERT_ROWS}")
+    return native.extension().cpu_convert_rate(weight_dtype == "int4", rows, seconds)

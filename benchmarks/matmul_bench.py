@@ -153,9 +153,15 @@ class Machine:
         self.bw = stream_bandwidth(args.bw_mib)
         self.peak = cpu_kernel.peak_mac_rate(0.5)
         self.fma = cpu_kernel.peak_mac_rate(0.5, instruction="fma")
-        # the kernel's inner loop (conversion + dot products) per m, weights per second
-        self.loop = {mode: {m: cpu_kernel.convert_rate(MODES[mode]["dtype"], 0.3, rows=m) for m in DECODE_M}
-                     for mode in MODES}
+        # the kernel's inner loop (conversion + dot products) per m, weights per second: the
+        # best of three rounds over all of them (a probe slowed by another tenant of this VM
+        # would raise a floor)
+        self.loop = {mode: dict.fromkeys(DECODE_M, 0.0) for mode in MODES}
+        for _ in range(3):
+            for mode in MODES:
+                for m in DECODE_M:
+                    rate = cpu_kernel.convert_rate(MODES[mode]["dtype"], 0.15, rows=m)
+                    self.loop[mode][m] = max(self.loop[mode][m], rate)
         k = n = 4096
         w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16)
         self.xla = 512 * k * n / median_seconds(DENSE, *_calls(_x(512, k), copies(w, 4)))
@@ -246,13 +252,14 @@ def targets(args, mc: Machine) -> None:
                 print(f"{kn:5d} {m:4d} {mode:>9s} {_ms(t)} {_ms(xla)} {_ms(bw)} {_ms(cmp)} {_ms(loop)} "
                       f"{t / floor:7.2f} {t / xla:6.2f}", flush=True)
                 if m == 1:
-                    ruled = loop is not None and loop > 1.2 * bw
+                    # a floor that the kernel beats in this run was mismeasured: it rules nothing out
+                    ruled = loop is not None and t >= loop > 1.2 * bw
                     check(f"k=n={kn} m=1 {mode} within 1.2x of the bandwidth floor", t <= 1.2 * bw,
                           f"{t / bw:.2f}x ({_ms(t).strip()} vs {_ms(bw).strip()} ms)" +
                           (f"; out of reach here: the kernel's inner loop alone takes {_ms(loop).strip()} ms, "
                            f"{loop / bw:.2f}x the bandwidth floor" if ruled else ""))
                 elif m <= 16:
-                    ruled = loop is not None and loop > 1.5 * floor
+                    ruled = loop is not None and t >= loop > 1.5 * floor
                     check(f"k=n={kn} m={m} {mode} within 1.5x of max(bw, cmp floor)", t <= 1.5 * floor,
                           f"{t / floor:.2f}x" + (f"; loop floor {loop / floor:.2f}x" if loop else "") +
                           (f"; out of reach here: the kernel's inner loop alone (conversion + dot products, "

@@ -84,7 +84,7 @@ def _cases():
         yield pytest.param(wd, gran, off, act, layout, id=f"{wd}-{gran}-{'off' if off else 'sym'}-{act}-{layout}")
 
 
-def _weight_case(wd, gran, off, act, layout, k=64, n=48):
+def _weight_case(wd, gran, off, act, layout, k=64, n=112):
     rng = np.random.default_rng(zlib.crc32(repr((wd, gran, off, act, layout)).encode()))
     case = make_case(rng, weight_dtype=wd, granularity=gran, offset=off, lead=(1,), k=k, n=n,
                      transpose=layout == "T", fmt="FRACTAL_NZ" if layout == "NZ" else "ND",
@@ -123,12 +123,21 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
 
 
 @pytest.mark.parametrize("layout", ["ND", "T"])
-def test_huge_scales_round_as_the_kernel(layout):
+@pytest.mark.parametrize("pattern", ["range", "one lane"])
+def test_huge_scales_round_as_the_kernel(layout, pattern):
     """int8 without an offset computes q * s as fma(kMagic + q, s, -kMagic * s) where that is
-    exact; scales of 2^100 and beyond take the plain multiply. Both are the kernel's rule."""
+    exact; scales of 2^100 and beyond take the plain multiply. Both are the kernel's rule.
+    "range": scales from 2^95 to 2^115 over the columns; "one lane": a single scale of 2^110
+    (column 5, inside the first whole tile of 64 columns, whose scales are read as vectors)
+    among small ones: that vector's check alone must see it."""
     case, _ = _weight_case("int8", "per_channel", False, "bfloat16", layout)
     n = case.oracle["scale"].shape[-1]
-    scale = (2.0 ** np.linspace(95, 115, n)).astype(ml_dtypes.bfloat16)
+    if pattern == "range":
+        exponents = np.linspace(95, 115, n)
+    else:
+        exponents = np.linspace(-4, 4, n)
+        exponents[5] = 110
+    scale = (2.0 ** exponents).astype(ml_dtypes.bfloat16)
     case.oracle["scale"] = scale
     args = case.args[:2] + (scale,) + case.args[3:]
     want = oracle.kernel_dequantize(oracle.decode(case.oracle["codes"], "int8"),

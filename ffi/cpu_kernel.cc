@@ -466,6 +466,16 @@ Workers OwnThreads() {
   return w;
 }
 
+namespace {
+bool DecodeBf16Runs(const Problem& p) { return Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p); }
+}  // namespace
+
+bool MatmulBlocked(Float act, bool transposed, bool int4, int64_t n) {
+  Problem p;
+  p.act = act, p.transposed = transposed, p.int4 = int4, p.n = n;
+  return DecodeBf16Runs(p);  // from kDecodeBf16BlockedRows rows on, Matmul runs it blocked
+}
+
 void Matmul(const Problem& p, const Workers& workers) {
   // The float32 sums, not zeroed here: every kernel below initializes the part it owns (a
   // serial memset of m x n floats was a visible cost at large m).
@@ -474,7 +484,7 @@ void Matmul(const Problem& p, const Workers& workers) {
   static const bool poison = std::getenv("JAX_WQMM_CPU_POISON") != nullptr;  // tests: NaN where no kernel writes
   if (poison) std::fill(y, y + p.m * p.n, std::numeric_limits<float>::quiet_NaN());
   const int threads = Threads(workers, p.m * p.k * p.n);
-  if (!p.transposed && Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p)) {
+  if (DecodeBf16Runs(p)) {
     const ActivationPairs xp(p);
     if (p.m >= kDecodeBf16BlockedRows) {  // compute-bound: columns split, no partial sums to add
       ParallelFor(workers, p.n, 64, threads,

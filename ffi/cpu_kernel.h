@@ -55,6 +55,9 @@ Workers OwnThreads();
 
 // y = x1 @ W + bias + x3 into out (act dtype).
 void Matmul(const Problem& p, const Workers& workers);
+// Whether Matmul runs a problem of this kind with the blocked bf16 kernel at large m (on this
+// CPU): the rule that decides, at trace time, whether a large-m call is one fused custom call.
+bool MatmulBlocked(Float act, bool transposed, bool int4, int64_t n);
 // W[:, c0:c1] = (x2 + offset) * scale in act dtype, into out: (k, c1 - c0), or for transposed
 // storage its transpose, (c1 - c0, k).
 void Dequantize(const Problem& p, const Workers& workers);

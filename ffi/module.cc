@@ -70,6 +70,11 @@ NB_MODULE(_wqmm_ffi, m) {
     return d;
   });
 
+  m.def("cpu_matmul_blocked", [](bool bf16, bool transposed, bool int4, int64_t n) {
+    return jax_wqmm::cpu::MatmulBlocked(bf16 ? jax_wqmm::cpu::Float::kBF16 : jax_wqmm::cpu::Float::kF16,
+                                        transposed, int4, n);
+  }, nb::arg("bf16"), nb::arg("transposed"), nb::arg("int4"), nb::arg("n"),
+        "Whether the CPU kernel runs such a call with its blocked bf16 kernel at large m, here.");
   m.def("cpu_isa", &jax_wqmm::cpu::Isa,
         "The instruction set the CPU kernels dispatch to: avx512bf16, avx512, avx2 or portable.");
   m.def("cpu_peak_mac_rate", &jax_wqmm::cpu::PeakMacRate, nb::arg("seconds") = 0.2,

@@ -148,6 +148,18 @@ def test_large_m_dequantizes_in_column_slabs(act, wd, gran, off, tr):
     oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
 
 
+def test_large_m_fuses_by_the_extensions_own_rule():
+    """cpu_kernel.fused asks the extension which large-m calls its blocked bf16 kernel runs
+    (the rule its dispatch follows): bfloat16, ND, int4 only with an even n, AVX-512 BF16."""
+    blocked = native.extension().cpu_matmul_blocked
+    here = cpu_kernel.isa() == "avx512bf16"
+    assert blocked(bf16=True, transposed=False, int4=False, n=1101) == here
+    assert blocked(bf16=True, transposed=False, int4=True, n=1100) == here
+    assert not blocked(bf16=True, transposed=False, int4=True, n=1101)  # int4 rows must start on bytes
+    assert not blocked(bf16=False, transposed=False, int4=False, n=1100)  # float16
+    assert not blocked(bf16=True, transposed=True, int4=False, n=1100)
+
+
 def test_kernel_inside_shard_map_then_xla_psum():
     mesh = Mesh(np.array(jax.devices()), ("tp",))
     case = make_case(np.random.default_rng(64), weight_dtype="int8", granularity="per_group",

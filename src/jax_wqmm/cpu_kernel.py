@@ -60,10 +60,10 @@ def fused(spec: WqmmSpec) -> bool:
     :data:`SMALL_M`, and at every m where the blocked bf16 kernel takes it (AVX-512 BF16,
     bfloat16 activations, ND storage, int4 with an even n; measured on a 2-core Zen 4 at k = n
     = 4096: 0.98-0.99x XLA's bf16 dot at m = 512 and 0.93-0.97x at 2048, where the slabs took
-    1.10-1.15x). Else W is dequantized in column slabs for XLA's dot."""
-    blocked = (spec.act_dtype == "bfloat16" and not spec.transpose_x2 and isa() == "avx512bf16"
-               and (spec.weight_dtype != "int4" or spec.n % 2 == 0))
-    return spec.m <= SMALL_M or blocked
+    1.10-1.15x). Else W is dequantized in column slabs for XLA's dot. The rule is the
+    extension's own (the one its dispatch follows), asked at trace time."""
+    return spec.m <= SMALL_M or native.extension().cpu_matmul_blocked(
+        spec.act_dtype == "bfloat16", spec.transpose_x2, spec.weight_dtype == "int4", spec.n)
 
 
 def local_matmul(x1, x2, scale, offset, bias, x3, spec: WqmmSpec) -> jax.Array:

@@ -365,20 +365,38 @@ const Kernels& Selected() {
   }
 }
 
+// Float sums for the kernels to fill, uninitialized: every kernel writes all of what it is
+// given (a serial memset of m x n floats was a visible cost at large m). Under
+// $JAX_WQMM_CPU_POISON (the tests) they start as NaN, so a kernel that leaves part unwritten
+// fails instead of passing on fresh zero pages.
+std::unique_ptr<float[]> Sums(int64_t count) {
+  static const bool poison = std::getenv("JAX_WQMM_CPU_POISON") != nullptr;
+  std::unique_ptr<float[]> sums(new float[count]);
+  if (poison) std::fill(sums.get(), sums.get() + count, std::numeric_limits<float>::quiet_NaN());
+  return sums;
+}
+
 // Rows of ND storage are contiguous: split k, each thread streams its rows once into a partial
-// y of its own (rows(out, k0, k1)), then the partials are summed into y.
+// y of its own (rows(out, k0, k1) overwrites out), then the partials are summed into y, the
+// elements split between the threads.
 template <typename F>
 void SplitK(const Workers& w, const Problem& p, int threads, float* y, F&& rows) {
   const int64_t align = p.group_size ? std::max<int64_t>(p.group_size, kPanel) : kPanel;
   const int64_t per = ((p.k + threads - 1) / threads + align - 1) / align * align;
   const int parts = static_cast<int>((p.k + per - 1) / per);
-  std::vector<std::vector<float>> partial(parts > 1 ? parts - 1 : 0, std::vector<float>(p.m * p.n));
+  std::vector<std::unique_ptr<float[]>> partial;
+  for (int t = 1; t < parts; ++t) partial.push_back(Sums(p.m * p.n));
   ParallelFor(w, parts, 1, parts, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) rows(t == 0 ? y : partial[t - 1].data(), t * per, std::min(p.k, (t + 1) * per));
+    for (int64_t t = t0; t < t1; ++t) rows(t == 0 ? y : partial[t - 1].get(), t * per, std::min(p.k, (t + 1) * per));
   });
-  for (const auto& part : partial) {
-    for (int64_t i = 0; i < p.m * p.n; ++i) y[i] += part[i];
-  }
+  if (partial.empty()) return;
+  ParallelFor(w, p.m * p.n, 16, threads, [&](int64_t b, int64_t e) {
+    for (const auto& part : partial) {
+      const float* __restrict src = part.get();
+      float* __restrict dst = y;
+      for (int64_t i = b; i < e; ++i) dst[i] += src[i];
+    }
+  });
 }
 
 // Peak-rate probes: `iters` rounds of 12 independent multiply-adds on the widest instruction
@@ -477,12 +495,9 @@ bool MatmulBlocked(Float act, bool transposed, bool int4, int64_t n) {
 }
 
 void Matmul(const Problem& p, const Workers& workers) {
-  // The float32 sums, not zeroed here: every kernel below initializes the part it owns (a
-  // serial memset of m x n floats was a visible cost at large m).
-  std::unique_ptr<float[]> y_buf(new float[p.m * p.n]);
+  // The float32 sums: every kernel below initializes the part it owns.
+  const std::unique_ptr<float[]> y_buf = Sums(p.m * p.n);
   float* y = y_buf.get();
-  static const bool poison = std::getenv("JAX_WQMM_CPU_POISON") != nullptr;  // tests: NaN where no kernel writes
-  if (poison) std::fill(y, y + p.m * p.n, std::numeric_limits<float>::quiet_NaN());
   const int threads = Threads(workers, p.m * p.k * p.n);
   if (DecodeBf16Runs(p)) {
     const ActivationPairs xp(p);

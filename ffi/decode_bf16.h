@@ -50,8 +50,8 @@ void DecodeBf16Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c
 // every core, by DecodeBf16's own conversion loop on codes in L1 (no memory traffic): the floor
 // of that conversion, measured for about `seconds`; 0 off x86. With rows (1, 2, 4, 8 or 16)
 // each converted pair also feeds that many rows of x's dot products in registers: the floor of
-// converting and multiplying (on CPUs where the two share the vector units, more than the sum
-// of either alone at peak would suggest). std::invalid_argument for other rows.
+// converting and multiplying (where the two compete for the vector units, as on Zen 4, about
+// the sum of the two alone). std::invalid_argument for other rows.
 double DecodeBf16ConvertRate(bool int4, int rows, double seconds);
 
 // Transposed storage (x2 as (n, k); int4 with an even k; groups of a multiple of 32):

@@ -152,8 +152,8 @@ def convert_rate(weight_dtype: str, seconds: float = 0.2, rows: int = 0) -> floa
     8 or 16) each converted pair of weights also feeds the dot products of that many rows of x,
     in registers: the kernel's inner loop at m = rows without its memory traffic, a floor of
     k*n / rate for that m (where conversion and dot products compete for the same vector
-    units, it exceeds the sum of the conversion floor and the compute floor at peak). 0.0 where
-    that kernel does not run (no AVX-512 BF16)."""
+    units, as on Zen 4, it comes to about the conversion alone plus the dot products at peak).
+    0.0 where that kernel does not run (no AVX-512 BF16)."""
     if weight_dtype not in ("int8", "int4"):
         raise ValueError(f"weight_dtype={weight_dtype!r}: must be 'int8' or 'int4'")
     if rows not in CONVERT_ROWS:

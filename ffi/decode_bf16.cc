@@ -346,21 +346,13 @@ WQMM_BF16 void Panel(const Problem& p, const PairWord* xp, int64_t r0, int64_t r
   }
 }
 
-// The scale and offset of the group from row g0, tiles [jt0, jt1), as floats in the lane order
-// of PairCodes into sl / ol (kTile floats per tile, at the tile's own place); without an offset,
-// int8 takes -kMagic * scale in ol (MagicProducts). Returns whether the pairs take ol as an
-// offset (PairCodes<.., true, ..>): with an offset, and for int8 whose scales are beyond
-// MagicExact, which takes the plain multiply with a zero ol instead.
 // The 64 bf16 values at p (one whole tile's columns) as floats in the lane order of PairCodes
 // (int4: vector 0 takes the even columns of 0..15 and 32..47, vector 1 their odd ones, vectors
 // 2 and 3 the same of 16..31 and 48..63; see LaneColumn).
 template <bool kInt4>
 WQMM_BF16 WQMM_INLINE void TileLanes(const uint16_t* p, float* out) {
   __m512 f[kVectors];
-  for (int v = 0; v < kVectors; ++v) {
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * v));
-    f[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-  }
+  for (int v = 0; v < kVectors; ++v) f[v] = LoadBf16(p + 16 * v, 0xFFFF);
   if constexpr (kInt4) {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -390,12 +382,15 @@ WQMM_BF16 bool GroupLanes(const Problem& p, int64_t g0, int64_t jt0, int64_t jt1
     float* o_out = ol + jt * kTile;
     if (!p.per_tensor() && (jt + 1) * kTile <= n) {
       TileLanes<kInt4>(scale + row + jt * kTile, s_out);
-      if constexpr (kOffset) TileLanes<kInt4>(offset + row + jt * kTile, o_out);
-      for (int v = 0; v < kVectors && !kOffset; ++v) {
-        const __m512 s = _mm512_loadu_ps(s_out + 16 * v);
-        _mm512_storeu_ps(o_out + 16 * v, kInt4 ? _mm512_setzero_ps() : _mm512_mul_ps(s, _mm512_set1_ps(-kMagic)));
-        // MagicExact on every lane (NaN compares false)
-        magic = magic && _mm512_cmp_ps_mask(_mm512_abs_ps(s), _mm512_set1_ps(0x1p100f), _CMP_LT_OQ) == 0xFFFF;
+      if constexpr (kOffset) {
+        TileLanes<kInt4>(offset + row + jt * kTile, o_out);
+      } else {
+        for (int v = 0; v < kVectors; ++v) {
+          const __m512 s = _mm512_loadu_ps(s_out + 16 * v);
+          _mm512_storeu_ps(o_out + 16 * v, kInt4 ? _mm512_setzero_ps() : _mm512_mul_ps(s, _mm512_set1_ps(-kMagic)));
+          // MagicExact on every lane (NaN compares false)
+          magic = magic && _mm512_cmp_ps_mask(_mm512_abs_ps(s), _mm512_set1_ps(0x1p100f), _CMP_LT_OQ) == 0xFFFF;
+        }
       }
       continue;
     }
@@ -517,29 +512,31 @@ WQMM_BF16 uint32_t ConvertLoop(int64_t iters) {
   return static_cast<uint32_t>(_mm512_reduce_add_epi32(sink));
 }
 
+// ConvertLoop<kInt4, rows> for the rows it is built for, else null.
+using ConvertLoopFn = uint32_t (*)(int64_t);
 template <bool kInt4>
-WQMM_BF16 uint32_t ConvertLoopRows(int rows, int64_t iters) {
+ConvertLoopFn ConvertLoopFor(int rows) {
   switch (rows) {
-    case 0: return ConvertLoop<kInt4, 0>(iters);
-    case 1: return ConvertLoop<kInt4, 1>(iters);
-    case 2: return ConvertLoop<kInt4, 2>(iters);
-    case 4: return ConvertLoop<kInt4, 4>(iters);
-    case 8: return ConvertLoop<kInt4, 8>(iters);
-    default: return ConvertLoop<kInt4, 16>(iters);  // rows checked by the caller
+    case 0: return ConvertLoop<kInt4, 0>;
+    case 1: return ConvertLoop<kInt4, 1>;
+    case 2: return ConvertLoop<kInt4, 2>;
+    case 4: return ConvertLoop<kInt4, 4>;
+    case 8: return ConvertLoop<kInt4, 8>;
+    case 16: return ConvertLoop<kInt4, 16>;
+    default: return nullptr;
   }
 }
 
 }  // namespace
 
 double DecodeBf16ConvertRate(bool int4, int rows, double seconds) {
-  if (rows != 0 && rows != 1 && rows != 2 && rows != 4 && rows != 8 && rows != 16) {  // before any thread runs
-    throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 0, 1, 2, 4, 8 or 16");
-  }
+  const ConvertLoopFn loop = int4 ? ConvertLoopFor<true>(rows) : ConvertLoopFor<false>(rows);
+  if (!loop) throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 0, 1, 2, 4, 8 or 16");
   const Workers w = OwnThreads();
   auto rate = [&](int64_t iters) {
     std::atomic<uint32_t> sink{0};
     const auto t0 = std::chrono::steady_clock::now();
-    w.run(w.threads, [&](int) { sink += int4 ? ConvertLoopRows<true>(rows, iters) : ConvertLoopRows<false>(rows, iters); });
+    w.run(w.threads, [&](int) { sink += loop(iters); });
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return std::pair{s, 2.0 * kTile * iters * w.threads / s};  // weights per second
   };

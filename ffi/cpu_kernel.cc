@@ -505,8 +505,11 @@ void Matmul(const Problem& p, const Workers& workers) {
       ParallelFor(workers, p.n, 64, threads,
                   [&](int64_t c0, int64_t c1) { DecodeBf16Blocked(p, xp.data(), y, c0, c1); });
     } else {
-      SplitK(workers, p, threads, y,
-             [&](float* out, int64_t k0, int64_t k1) { DecodeBf16(p, xp.data(), out, k0, k1); });
+      const bool lut = DecodeInt4LutCovers(p);
+      SplitK(workers, p, threads, y, [&](float* out, int64_t k0, int64_t k1) {
+        if (lut) DecodeInt4Lut(p, xp.data(), out, k0, k1);
+        else DecodeBf16(p, xp.data(), out, k0, k1);
+      });
     }
   } else if (Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16TCovers(p)) {  // columns along k: split them
     const std::vector<uint16_t> x = PadActivations(p);
@@ -551,6 +554,20 @@ void Dequantize(const Problem& p, const Workers& workers) {
   ParallelFor(workers, total, 16, threads, [&](int64_t b, int64_t e) { rows(p, q, begin + b, begin + e); });
 }
 
+double AllCoresRate(const std::function<void(int64_t)>& loop, double units_per_iter, int64_t iters, double seconds) {
+  const Workers w = OwnThreads();
+  auto rate = [&](int64_t n) {
+    const auto t0 = std::chrono::steady_clock::now();
+    w.run(w.threads, [&](int) { loop(n); });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return std::pair{s, units_per_iter * static_cast<double>(n) * w.threads / s};
+  };
+  for (auto [s, r] = rate(iters); s < seconds / 4; std::tie(s, r) = rate(iters)) iters *= 2;
+  double best = 0;
+  for (int i = 0; i < 3; ++i) best = std::max(best, rate(iters).second);
+  return best;
+}
+
 double PeakMacRate(double seconds, bool float_fma) {
 #if defined(__x86_64__)
   float (*probe)(int64_t) = nullptr;
@@ -566,19 +583,8 @@ double PeakMacRate(double seconds, bool float_fma) {
     case IsaLevel::kAvx2: probe = ProbeAvx2, macs_per_instruction = 8; break;
     default: return 0.0;
   }
-  const Workers w = OwnThreads();
-  auto rate = [&](int64_t iters) {
-    std::atomic<float> sink{0};
-    const auto t0 = std::chrono::steady_clock::now();
-    w.run(w.threads, [&](int) { sink = sink + probe(iters); });
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    return std::pair{s, 12.0 * macs_per_instruction * iters * w.threads / s};
-  };
-  int64_t iters = 1 << 16;
-  for (auto [s, r] = rate(iters); s < seconds / 4; std::tie(s, r) = rate(iters)) iters *= 2;
-  double best = 0;
-  for (int i = 0; i < 3; ++i) best = std::max(best, rate(iters).second);
-  return best;
+  return AllCoresRate([&](int64_t iters) { volatile float keep = probe(iters); (void)keep; },
+                      12.0 * macs_per_instruction, int64_t{1} << 16, seconds);
 #else
   (void)seconds, (void)float_fma;
   return 0.0;
@@ -586,7 +592,10 @@ double PeakMacRate(double seconds, bool float_fma) {
 }
 
 double ConvertRate(bool int4, int rows, double seconds) {
-  return Detect() == IsaLevel::kAvx512Bf16 ? DecodeBf16ConvertRate(int4, rows, seconds) : 0.0;
+  if (Detect() != IsaLevel::kAvx512Bf16) return 0.0;
+  // the kernel that runs at m = rows: int4 with few rows looks its weights up
+  if (int4 && rows >= 1 && rows <= kInt4LutRows) return DecodeInt4LutRate(rows, seconds);
+  return DecodeBf16ConvertRate(int4, rows, seconds);
 }
 
 std::string Isa() {

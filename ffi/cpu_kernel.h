@@ -71,8 +71,14 @@ double PeakMacRate(double seconds, bool float_fma = false);
 // per-weight conversion (the numeric contract rounds each weight). 0 where that kernel does
 // not run (no AVX-512 BF16). rows > 0: each converted pair also feeds that many rows of x's dot
 // products in registers (1, 2, 4, 8 or 16; std::invalid_argument otherwise), the kernel's inner
-// loop without its memory traffic: the floor of converting and multiplying at m = rows.
+// loop without its memory traffic: the floor of converting and multiplying at m = rows. int4
+// at rows <= kInt4LutRows: the inner loop of the lookup kernel that runs there instead
+// (transposes, lookups and dot products on a strip of codes in L1).
 double ConvertRate(bool int4, int rows, double seconds);
+// For the rate probes: units per second of `loop(iters)` running on every core at once (each
+// core doing units_per_iter * iters), iters doubled until a round takes a quarter of
+// `seconds`, then the best of three rounds.
+double AllCoresRate(const std::function<void(int64_t)>& loop, double units_per_iter, int64_t iters, double seconds);
 // The instruction set the kernels dispatched to: "avx512", "avx2" or "portable".
 std::string Isa();
 

@@ -1,9 +1,6 @@
 #include "decode_bf16.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <tuple>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -532,19 +529,8 @@ ConvertLoopFn ConvertLoopFor(int rows) {
 double DecodeBf16ConvertRate(bool int4, int rows, double seconds) {
   const ConvertLoopFn loop = int4 ? ConvertLoopFor<true>(rows) : ConvertLoopFor<false>(rows);
   if (!loop) throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 0, 1, 2, 4, 8 or 16");
-  const Workers w = OwnThreads();
-  auto rate = [&](int64_t iters) {
-    std::atomic<uint32_t> sink{0};
-    const auto t0 = std::chrono::steady_clock::now();
-    w.run(w.threads, [&](int) { sink += loop(iters); });
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    return std::pair{s, 2.0 * kTile * iters * w.threads / s};  // weights per second
-  };
-  int64_t iters = 1 << 14;
-  for (auto [s, r] = rate(iters); s < seconds / 4; std::tie(s, r) = rate(iters)) iters *= 2;
-  double best = 0;
-  for (int i = 0; i < 3; ++i) best = std::max(best, rate(iters).second);
-  return best;
+  return AllCoresRate([&](int64_t iters) { volatile uint32_t keep = loop(iters); (void)keep; }, 2.0 * kTile,
+                      int64_t{1} << 14, seconds);
 }
 
 void DecodeBf16Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c0, int64_t c1) {

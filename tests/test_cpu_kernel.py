@@ -62,15 +62,17 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("wd,n", [("int8", 37), ("int4", 70)])
+@pytest.mark.parametrize("wd,n", [("int8", 37), ("int4", 326)])
 @pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 32),
                                     ("per_group", 96)])
 @pytest.mark.parametrize("off", [False, True])
 @pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
 def test_bf16_decode_kernel(m, wd, n, gran, g, off, tr):
-    """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: codes
-    converted tile by tile for m <= 4 (16-row panels), else a panel's pairs built first; k =
-    417 is odd and leaves groups of 96 split over panels; n is not a multiple of the 64-column tile.
+    """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: int8 codes
+    converted tile by tile for m <= 4 (16-row panels), int4 ones looked up in tables per column
+    and group (64-row panels, 128-column strips), else a panel's pairs built first; k = 417 is
+    odd, ends in a partial chunk of 16 rows and leaves groups of 96 split over panels; n is not
+    a multiple of the 64-column tile nor of the 128-column strip (int4: two whole strips).
     Transposed: 32 k of a column per vector (int4 through a table per column and group); k =
     417 (int8) and 418 (int4, whose columns must start on bytes) end in a partial vector, n in
     a partial block of four columns, and m > 4 takes the chunked path."""

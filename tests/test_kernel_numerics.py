@@ -84,7 +84,9 @@ def _cases():
         yield pytest.param(wd, gran, off, act, layout, id=f"{wd}-{gran}-{'off' if off else 'sym'}-{act}-{layout}")
 
 
-def _weight_case(wd, gran, off, act, layout, k=64, n=112):
+def _weight_case(wd, gran, off, act, layout, k=64, n=240):
+    # n = 240: whole 64-column tiles and a ragged one; a whole 128-column strip of the int4
+    # lookup kernel and a ragged one
     rng = np.random.default_rng(zlib.crc32(repr((wd, gran, off, act, layout)).encode()))
     case = make_case(rng, weight_dtype=wd, granularity=gran, offset=off, lead=(1,), k=k, n=n,
                      transpose=layout == "T", fmt="FRACTAL_NZ" if layout == "NZ" else "ND",

@@ -153,7 +153,11 @@ def convert_rate(weight_dtype: str, seconds: float = 0.2, rows: int = 0) -> floa
     in registers: the kernel's inner loop at m = rows without its memory traffic, a floor of
     k*n / rate for that m (where conversion and dot products compete for the same vector
     units, as on Zen 4, it comes to about the conversion alone plus the dot products at peak).
-    0.0 where that kernel does not run (no AVX-512 BF16)."""
+    int4 with ``rows`` 1, 2 or 4 runs a different kernel, which converts nothing per weight: it
+    looks the weights up in tables of each column's 16 rounded values (one per group), after
+    transposing 16 rows of codes in registers; its rate is that kernel's inner loop (transposes,
+    lookups and dot products on codes in L1, tables not built). 0.0 where those kernels do not
+    run (no AVX-512 BF16)."""
     if weight_dtype not in ("int8", "int4"):
         raise ValueError(f"weight_dtype={weight_dtype!r}: must be 'int8' or 'int4'")
     if rows not in CONVERT_ROWS:

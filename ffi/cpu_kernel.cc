@@ -518,8 +518,11 @@ void Matmul(const Problem& p, const Workers& workers) {
   } else if (Detect() >= IsaLevel::kAvx512 && DecodeF16Covers(p)) {
     std::vector<float> x(p.m * p.k);
     ToF32(p.x1, p.act, p.m * p.k, x.data());
-    SplitK(workers, p, threads, y,
-           [&](float* out, int64_t k0, int64_t k1) { DecodeF16(p, x.data(), out, k0, k1); });
+    const bool lut = Detect() == IsaLevel::kAvx512Bf16 && DecodeInt4LutCovers(p);
+    SplitK(workers, p, threads, y, [&](float* out, int64_t k0, int64_t k1) {
+      if (lut) DecodeInt4LutF16(p, x.data(), out, k0, k1);
+      else DecodeF16(p, x.data(), out, k0, k1);
+    });
   } else {
     QuantParams q = MakeQuantParams(p);
     std::vector<float> x(p.m * p.k);

@@ -54,13 +54,16 @@ void DecodeBf16Blocked(const Problem& p, const PairWord* xp, float* y, int64_t c
 // the sum of the two alone). std::invalid_argument for other rows.
 double DecodeBf16ConvertRate(bool int4, int rows, double seconds);
 
-// int4 ND with at most kInt4LutRows rows of x: the weights are looked up in per-group tables
-// of each column's 16 rounded values instead of converted one by one (decode_int4_lut.cc).
-// Groups must be multiples of kInt4LutChunk rows (the operator asks for multiples of 32).
+// int4 ND with at most kInt4LutRows rows of bf16 or float16 x: the weights are looked up in
+// per-group tables of each column's 16 rounded values instead of converted one by one
+// (decode_int4_lut.cc; on a CPU with AVX-512 BF16: the caller checks the ISA). Groups must be
+// multiples of kInt4LutChunk rows (the operator asks for multiples of 32).
 constexpr int64_t kInt4LutRows = 4, kInt4LutChunk = 16;
 bool DecodeInt4LutCovers(const Problem& p);
-// As DecodeBf16 (the same y, k0, xp) for a p that DecodeInt4LutCovers.
+// As DecodeBf16 (the same y, k0, xp) for bf16 x.
 void DecodeInt4Lut(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1);
+// As DecodeF16 (the same y, k0; x as float32 (m, k)) for float16 x.
+void DecodeInt4LutF16(const Problem& p, const float* x, float* y, int64_t k0, int64_t k1);
 // Weights per second of DecodeInt4Lut's inner loop with `rows` rows of x (1 to kInt4LutRows;
 // std::invalid_argument otherwise) on every core: whole panels of one strip, codes, tables
 // and sums in L1 (no memory traffic, no tables built). 0 off x86.

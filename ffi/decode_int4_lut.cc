@@ -1,11 +1,13 @@
-// The decode kernel for int4 weights (ND) and few rows of bf16 activations on CPUs with AVX-512
-// BF16: no conversion per weight. An int4 code has 16 values, so for each column and group
-// the contract's rounded weights (numerics.h: bf16(f32(q + offset) * scale)) form a table of
-// 16 bf16, built once per group; a byte shuffle (vpshufb) looks sixteen codes up in one
-// 128-bit lane's table. The lookups need sixteen codes of one column in a lane, so 16 rows x
-// 64 bytes of codes are transposed in registers first (lane L of vector c: byte column
-// 16L + c of the 16 rows); the looked-up bf16 are pairs along k, as vdpbf16ps multiplies them
-// with x. Each accumulator lane then holds a partial sum of one column, added up at the end.
+// The decode kernel for int4 weights (ND) and few rows of x on CPUs with AVX-512 BF16: no
+// conversion per weight. An int4 code has 16 values, so for each column and group the
+// contract's rounded weights (numerics.h: bf16(f32(q + offset) * scale) for bf16 activations,
+// f16(f16(q + offset) * scale) for float16) form a table of 16, built once per group; a byte
+// shuffle (vpshufb) looks sixteen codes up in one 128-bit lane's table, once for the low and
+// once for the high bytes. The lookups need sixteen codes of one column in a lane, so 16 rows
+// x 64 bytes of codes are transposed in registers first (lane L of vector c: byte column
+// 16L + c of the 16 rows). bf16 weights are then pairs along k, as vdpbf16ps multiplies them
+// with x; float16 ones are widened to float (exact) for float FMAs with x as float32. Each
+// accumulator lane holds a partial sum of one column, added up at the end.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -23,7 +25,7 @@
 namespace jax_wqmm::cpu {
 
 bool DecodeInt4LutCovers(const Problem& p) {
-  return p.act == Float::kBF16 && !p.transposed && p.int4 && p.n % 2 == 0 && p.m <= kInt4LutRows &&
+  return (p.act == Float::kBF16 || p.act == Float::kF16) && !p.transposed && p.int4 && p.n % 2 == 0 && p.m <= kInt4LutRows &&
          p.group_size % kInt4LutChunk == 0;  // a chunk of rows never straddles two groups
 }
 
@@ -72,22 +74,37 @@ WQMM_LUT WQMM_INLINE void Transpose(const uint8_t* p, int64_t stride, int64_t ro
   }
 }
 
-// The bf16 values of a strip's columns [j, j + 128) (cols of them; the rest zero) as floats.
+// The float16 (kF16) or bf16 values of a strip's columns [j, j + 128) (cols of them; the rest
+// zero) as floats.
+template <bool kF16>
 WQMM_LUT WQMM_INLINE void StripFloats(const uint16_t* at, int64_t cols, float* out) {
   for (int v = 0; v < 8; ++v) {
     const int64_t left = cols - 16 * v;
     const __mmask16 mask = left >= 16 ? __mmask16{0xFFFF} : left <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << left) - 1);
-    const __m512i words = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at + 16 * v));
-    _mm512_store_ps(out + 16 * v, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
+    const __m256i words = _mm256_maskz_loadu_epi16(mask, at + 16 * v);
+    _mm512_store_ps(out + 16 * v, kF16 ? _mm512_cvtph_ps(words)
+                                       : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
+  }
+}
+
+// Two vectors of float values (a: words 0-15, b: 16-31) rounded to the activation dtype's
+// words: float16 by vcvtps2ph, bf16 by vcvtne2ps2bf16 (nearest even both, numerics.h).
+template <bool kF16>
+WQMM_LUT WQMM_INLINE __m512i ActWords(__m512 a, __m512 b) {
+  if constexpr (kF16) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(a, kRound)), _mm512_cvtps_ph(b, kRound), 1);
+  } else {
+    return (__m512i)_mm512_cvtne2ps_pbh(b, a);
   }
 }
 
 // The tables of one group (scale and offset rows at `row`) for every strip. Table t's four
-// columns (32L + t) are computed one per vector of the 16 codes (two's complement), rounded
-// to bf16 two columns at a time; a byte shuffle puts each 128-bit lane's low bytes in its low
+// columns (32L + t) are computed one per vector of the 16 codes (two's complement) by the
+// contract's rule (numerics.h), rounded to the activation dtype two columns at a time; a byte shuffle puts each 128-bit lane's low bytes in its low
 // half and its high bytes in the high half, and a 64-bit permute of the two makes the lo
 // table and another the hi table.
-template <bool kOffset>
+template <bool kF16, bool kOffset>
 WQMM_LUT void BuildTables(const Problem& p, int64_t row, StripTables* tables) {
   const int64_t n = p.n, strips = (n + kStrip - 1) / kStrip;
   const auto* scale = static_cast<const uint16_t*>(p.scale);
@@ -99,23 +116,24 @@ WQMM_LUT void BuildTables(const Problem& p, int64_t row, StripTables* tables) {
   for (int64_t s = 0; s < strips; ++s) {
     const int64_t j = s * kStrip, cols = std::min(kStrip, n - j);
     if (p.per_tensor()) {
-      std::fill(sf, sf + cols, Bf16ToF32(scale[0]));
+      std::fill(sf, sf + cols, ActToF32(kF16, scale[0]));
       std::fill(sf + cols, sf + kStrip, 0.0f);  // past n: zero weights
-      std::fill(of, of + kStrip, kOffset ? Bf16ToF32(offset[0]) : 0.0f);
+      std::fill(of, of + kStrip, kOffset ? ActToF32(kF16, offset[0]) : 0.0f);
     } else {
-      StripFloats(scale + row + j, cols, sf);
-      if constexpr (kOffset) StripFloats(offset + row + j, cols, of);
+      StripFloats<kF16>(scale + row + j, cols, sf);
+      if constexpr (kOffset) StripFloats<kF16>(offset + row + j, cols, of);
     }
     StripTables& tab = tables[s];
     for (int t = 0; t < kTables; ++t) {
       __m512 v[4];
       for (int l = 0; l < 4; ++l) {
-        const __m512 q = kOffset ? _mm512_add_ps(codes, _mm512_set1_ps(of[32 * l + t])) : codes;
+        __m512 q = kOffset ? _mm512_add_ps(codes, _mm512_set1_ps(of[32 * l + t])) : codes;
+        if constexpr (kF16 && kOffset) q = avx512::RoundF16(q);  // f16(q + o)
         v[l] = _mm512_mul_ps(q, _mm512_set1_ps(sf[32 * l + t]));
       }
       // lanes: column 0 codes 0-7, codes 8-15, column 1 codes 0-7, 8-15 (then columns 2, 3)
-      const __m512i a = _mm512_shuffle_epi8((__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]), bytes);
-      const __m512i b = _mm512_shuffle_epi8((__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]), bytes);
+      const __m512i a = _mm512_shuffle_epi8(ActWords<kF16>(v[0], v[1]), bytes);
+      const __m512i b = _mm512_shuffle_epi8(ActWords<kF16>(v[2], v[3]), bytes);
       _mm512_store_si512(tab.lo + t, _mm512_permutex2var_epi64(a, lo_q, b));
       _mm512_store_si512(tab.hi + t, _mm512_permutex2var_epi64(a, hi_q, b));
     }
@@ -123,37 +141,47 @@ WQMM_LUT void BuildTables(const Problem& p, int64_t row, StripTables* tables) {
 }
 
 // MR rows of x by one strip over `rows` rows of W (a panel, inside a group) from w: the
-// partial sums added into sums (per row: strips x 16 vectors, lane 4L + e as in Sums below).
-template <int MR, int kChunks>
+// partial sums added into sums (per row, sums_stride apart: 16 vectors, lane 4L + e of vector
+// c holding partial sums of column 32L + 2c + e % 2). x: bf16 (kF16 false) or float32 rows,
+// xstride apart, from the panel's first row. kChunks: the panel's chunks when whole, else 0.
+template <bool kF16, int MR, int kChunks>
 WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows, int64_t bytes, const StripTables& tab,
-                    const uint16_t* x, int64_t xstride, float* sums, int64_t sums_stride) {
+                                  const void* x, int64_t xstride, float* sums, int64_t sums_stride) {
   alignas(64) __m512i tr[kPanel / kChunk][16];
   const int64_t chunks = kChunks ? kChunks : (rows + kChunk - 1) / kChunk;
   for (int64_t ch = 0; ch < chunks; ++ch) {
     Transpose(w + ch * kChunk * stride, stride, std::min(kChunk, rows - ch * kChunk), bytes, tr[ch]);
   }
-  __m512bh xv[MR][kPanel / kChunk][2];  // x's rows of each chunk, 8 bf16 broadcast to every lane
-  __mmask32 valid[2] = {~__mmask32{0}, ~__mmask32{0}};  // the last chunk's words of rows past `rows`
+  // x's rows of each chunk, rows 0-7 then 8-15, in every 128-bit lane (bf16) or 256-bit half
+  // (float32); zeros past `rows`
+  __m512 xv[MR][kPanel / kChunk][2];
+  for (int r = 0; r < MR; ++r) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      for (int half = 0; half < 2; ++half) {
+        const int64_t left = rows - ch * kChunk - 8 * half, at = r * xstride + ch * kChunk + 8 * half;
+        const __mmask8 mask = left >= 8 ? __mmask8{0xFF} : left <= 0 ? __mmask8{0} : static_cast<__mmask8>((1u << left) - 1);
+        if constexpr (kF16) {
+          xv[r][ch][half] = _mm512_broadcast_f32x8(_mm256_maskz_loadu_ps(mask, static_cast<const float*>(x) + at));
+        } else {
+          const __m128i v = _mm_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + at);
+          xv[r][ch][half] = _mm512_castsi512_ps(_mm512_broadcast_i32x4(v));
+        }
+      }
+    }
+  }
+  __mmask32 valid[2];  // the last chunk's words of rows within the panel
   const int64_t tail = rows - (chunks - 1) * kChunk;
   for (int half = 0; half < 2; ++half) {
     uint32_t lane = 0;
     for (int t = 0; t < 8; ++t) lane |= (8 * half + t < tail ? 1u : 0u) << t;
     valid[half] = lane * 0x01010101u;
   }
-  for (int r = 0; r < MR; ++r) {
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const uint16_t* at = x + r * xstride + ch * kChunk;
-      for (int half = 0; half < 2; ++half) {
-        const int64_t left = rows - ch * kChunk - 8 * half;
-        const __mmask8 mask = left >= 8 ? __mmask8{0xFF} : left <= 0 ? __mmask8{0} : static_cast<__mmask8>((1u << left) - 1);
-        xv[r][ch][half] = (__m512bh)_mm512_broadcast_i32x4(_mm_maskz_loadu_epi16(mask, at + 8 * half));
-      }
-    }
-  }
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int c = 0; c < 16; ++c) {
-    __m512 acc[MR][2];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    // bf16: acc[r][h][0], lanes 4L + d: column 32L + 2c + h, pairs of rows 2d, 2d + 1 and 8 + 2d, 9 + 2d.
+    // float16: acc[r][h][i], lanes 8l + t: column 32(2i + l) + 2c + h, rows t and 8 + t.
+    __m512 acc[MR][2][kF16 ? 2 : 1];
+    for (auto& a : acc) for (auto& b : a) for (auto& v : b) v = _mm512_setzero_ps();
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const __m512i z = tr[ch][c];
       const __m512i idx[2] = {_mm512_and_si512(z, nibble), _mm512_and_si512(_mm512_srli_epi16(z, 4), nibble)};
@@ -165,14 +193,29 @@ WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows
           w0 = _mm512_maskz_mov_epi16(valid[0], w0);
           w1 = _mm512_maskz_mov_epi16(valid[1], w1);
         }
-        for (int r = 0; r < MR; ++r) {
-          acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv[r][ch][0], (__m512bh)w0);
-          acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv[r][ch][1], (__m512bh)w1);
+        if constexpr (kF16) {  // each 256-bit half: two columns' 8 rows, widened (exactly) to floats
+          const __m512 f[2][2] = {{_mm512_cvtph_ps(_mm512_castsi512_si256(w0)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1))},
+                                  {_mm512_cvtph_ps(_mm512_castsi512_si256(w1)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1))}};
+          for (int r = 0; r < MR; ++r) {
+            for (int i = 0; i < 2; ++i) {
+              acc[r][h][i] = _mm512_fmadd_ps(xv[r][ch][0], f[0][i], acc[r][h][i]);
+              acc[r][h][i] = _mm512_fmadd_ps(xv[r][ch][1], f[1][i], acc[r][h][i]);
+            }
+          }
+        } else {
+          for (int r = 0; r < MR; ++r) {
+            acc[r][h][0] = _mm512_dpbf16_ps(acc[r][h][0], (__m512bh)xv[r][ch][0], (__m512bh)w0);
+            acc[r][h][0] = _mm512_dpbf16_ps(acc[r][h][0], (__m512bh)xv[r][ch][1], (__m512bh)w1);
+          }
         }
       }
     }
-    for (int r = 0; r < MR; ++r) {  // lane 4L + e: e = 0, 2 column 2c of lane L's partial sums, e = 1, 3 column 2c + 1
-      const __m512 a = acc[r][0], b = acc[r][1];
+    for (int r = 0; r < MR; ++r) {
+      __m512 a = acc[r][0][0], b = acc[r][1][0];  // column 2c / 2c + 1 of lane L: four partial sums in lane L
+      if constexpr (kF16) {  // 128-bit blocks (column, rows 0-3 / 4-7) to lane L of the column, added
+        a = _mm512_add_ps(_mm512_shuffle_f32x4(acc[r][0][0], acc[r][0][1], 0x88), _mm512_shuffle_f32x4(acc[r][0][0], acc[r][0][1], 0xDD));
+        b = _mm512_add_ps(_mm512_shuffle_f32x4(acc[r][1][0], acc[r][1][1], 0x88), _mm512_shuffle_f32x4(acc[r][1][0], acc[r][1][1], 0xDD));
+      }
       float* at = sums + r * sums_stride + 16 * c;
       _mm512_store_ps(at, _mm512_add_ps(_mm512_load_ps(at),
                                         _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))));
@@ -181,11 +224,11 @@ WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows
 }
 
 // StripOf with the chunk loop unrolled for whole panels.
-template <int MR>
+template <bool kF16, int MR>
 WQMM_LUT void Strip(const uint8_t* w, int64_t stride, int64_t rows, int64_t bytes, const StripTables& tab,
-                    const uint16_t* x, int64_t xstride, float* sums, int64_t sums_stride) {
-  if (rows == kPanel) StripOf<MR, kPanel / kChunk>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
-  else StripOf<MR, 0>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+                    const void* x, int64_t xstride, float* sums, int64_t sums_stride) {
+  if (rows == kPanel) StripOf<kF16, MR, kPanel / kChunk>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+  else StripOf<kF16, MR, 0>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
 }
 
 // A row's lane sums of one whole strip (16 vectors, Strip's lane order) into its 128 columns
@@ -212,11 +255,10 @@ WQMM_LUT WQMM_INLINE void StripColumns(const float* sums, float* y) {
   }
 }
 
-template <bool kOffset>
-WQMM_LUT void Decode(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1) {
+// x: bf16 rows of xstride elements, or float32 (kF16).
+template <bool kF16, bool kOffset>
+WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y, int64_t k0, int64_t k1) {
   const int64_t m = p.m, n = p.n, stride = n / 2, strips = (n + kStrip - 1) / kStrip;
-  const int64_t xstride = 2 * ((p.k + 1) / 2);  // bf16 per row of x's pairs
-  const auto* x = reinterpret_cast<const uint16_t*>(xp);
   struct alignas(64) Vector { float lanes[16]; };
   const std::unique_ptr<Vector[]> sum_buf(new Vector[m * strips * 16]);  // per row and strip: 16 vectors (Strip)
   float* sums = sum_buf[0].lanes;
@@ -225,7 +267,7 @@ WQMM_LUT void Decode(const Problem& p, const PairWord* xp, float* y, int64_t k0,
   const int64_t span = p.group_size ? p.group_size : k1 - k0;
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span);
-    BuildTables<kOffset>(p, p.group_size ? g0 / p.group_size * n : 0, tables.get());
+    BuildTables<kF16, kOffset>(p, p.group_size ? g0 / p.group_size * n : 0, tables.get());
     for (int64_t r0 = g0; r0 < g1; r0 += kPanel) {
       const int64_t rows = std::min(kPanel, g1 - r0);
       const uint8_t* w0 = p.x2 + r0 * stride;
@@ -235,13 +277,13 @@ WQMM_LUT void Decode(const Problem& p, const PairWord* xp, float* y, int64_t k0,
       for (int64_t s = 0; s < strips; ++s) {
         for (int64_t b = s * slice; b < std::min(ahead, (s + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
         const int64_t bytes = std::min<int64_t>(64, stride - 64 * s);
-        const uint16_t* xr = x + r0;
+        const void* xr = static_cast<const char*>(x) + r0 * (kF16 ? 4 : 2);
         float* out = sums + 256 * s;
         switch (m) {
-          case 1: Strip<1>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          case 2: Strip<2>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          case 3: Strip<3>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          default: Strip<4>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          case 1: Strip<kF16, 1>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          case 2: Strip<kF16, 2>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          case 3: Strip<kF16, 3>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          default: Strip<kF16, 4>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
         }
       }
     }
@@ -268,7 +310,7 @@ WQMM_LUT uint32_t StripLoop(int64_t iters) {
   for (int64_t i = 0; i < iters; ++i) {
     const uint8_t* w = codes;
     asm volatile("" : "+r"(w));  // opaque: read and transposed anew each time
-    StripOf<MR, kPanel / kChunk>(w, 64, kPanel, 64, tables, x, kPanel, sums, 256);
+    StripOf<false, MR, kPanel / kChunk>(w, 64, kPanel, 64, tables, x, kPanel, sums, 256);
   }
   uint32_t sink = 0;
   for (float v : sums) sink ^= Bits(v);
@@ -286,13 +328,20 @@ double DecodeInt4LutRate(int rows, double seconds) {
 }
 
 void DecodeInt4Lut(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1) {
-  if (p.offset) Decode<true>(p, xp, y, k0, k1);
-  else Decode<false>(p, xp, y, k0, k1);
+  const int64_t xstride = 2 * ((p.k + 1) / 2);  // bf16 per row of x's pairs
+  if (p.offset) Decode<false, true>(p, xp, xstride, y, k0, k1);
+  else Decode<false, false>(p, xp, xstride, y, k0, k1);
+}
+
+void DecodeInt4LutF16(const Problem& p, const float* x, float* y, int64_t k0, int64_t k1) {
+  if (p.offset) Decode<true, true>(p, x, p.k, y, k0, k1);
+  else Decode<true, false>(p, x, p.k, y, k0, k1);
 }
 
 #else
 
 void DecodeInt4Lut(const Problem&, const PairWord*, float*, int64_t, int64_t) {}
+void DecodeInt4LutF16(const Problem&, const float*, float*, int64_t, int64_t) {}
 double DecodeInt4LutRate(int, double) { return 0.0; }
 
 #endif

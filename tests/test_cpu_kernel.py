@@ -66,24 +66,27 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
 @pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 32),
                                     ("per_group", 96)])
 @pytest.mark.parametrize("off", [False, True])
-@pytest.mark.parametrize("tr", [False, True], ids=["ND", "T"])
-def test_bf16_decode_kernel(m, wd, n, gran, g, off, tr):
+@pytest.mark.parametrize("tr,act", [(False, "bfloat16"), (True, "bfloat16"), (False, "float16")],
+                         ids=["ND", "T", "ND-f16"])
+def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: int8 codes
     converted tile by tile for m <= 4 (16-row panels), int4 ones looked up in tables per column
-    and group (64-row panels, 128-column strips), else a panel's pairs built first; k = 417 is
-    odd, ends in a partial chunk of 16 rows and leaves groups of 96 split over panels; n is not
-    a multiple of the 64-column tile nor of the 128-column strip (int4: two whole strips).
+    and group (64-row panels, 128-column strips; float16 activations too, their weights widened
+    to floats for float FMAs), else a panel's pairs built first (float16: the float-FMA kernel);
+    k = 417 is odd, ends in a partial chunk of 16 rows and leaves groups of 96 split over
+    panels; n is not a multiple of the 64-column tile nor of the 128-column strip (int4: two
+    whole strips).
     Transposed: 32 k of a column per vector (int4 through a table per column and group); k =
     417 (int8) and 418 (int4, whose columns must start on bytes) end in a partial vector, n in
     a partial block of four columns, and m > 4 takes the chunked path."""
     k = 418 if tr and wd == "int4" else 417
     case = make_case(np.random.default_rng(m * 7 + len(gran)), weight_dtype=wd, granularity=gran,
                      offset=off, bias=True, x3=True, lead=(m,), k=k, n=n, group_size=g or 64,
-                     transpose=tr)
+                     transpose=tr, act=act)
     f, text = _lowered(case)
     assert f"custom_call @{cpu_kernel.MATMUL_TARGET}" in text
     expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
-    oracle.assert_close(f(*to_jax(case.args)), expected, mag, "bfloat16")
+    oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
 
 
 @pytest.mark.parametrize("m,wd", [(1, "int4"), (16, "int8"), (16, "int4")])

@@ -23,7 +23,9 @@ floor below is computed from, all measured in the run:
               what the kernel would take if memory cost nothing. Conversion and dot products
               compete for the same vector units (on the Zen 4 here the loop takes about the sum
               of the two alone). A floor of this kernel's way to round every weight, not of
-              every possible code.
+              every possible code. int4 at m <= 4 runs the lookup kernel instead (weights looked
+              up in per-group tables after a transpose of the codes in registers): its loop
+              floor is that kernel's inner loop on one strip of codes in L1.
   xla bf16    XLA's own dot over *unquantized* bf16 weights (what a user saves by quantizing)
 
 The run ends with the targets of the fast CPU kernel (issue #13) checked against these
@@ -262,8 +264,8 @@ def targets(args, mc: Machine) -> None:
                     ruled = loop is not None and t >= loop > 1.5 * floor
                     check(f"k=n={kn} m={m} {mode} within 1.5x of max(bw, cmp floor)", t <= 1.5 * floor,
                           f"{t / floor:.2f}x" + (f"; loop floor {loop / floor:.2f}x" if loop else "") +
-                          (f"; out of reach here: the kernel's inner loop alone (conversion + dot products, "
-                           f"codes in L1) takes {_ms(loop).strip()} ms" if ruled else ""))
+                          (f"; out of reach here: the kernel's inner loop alone (codes in L1) "
+                           f"takes {_ms(loop).strip()} ms" if ruled else ""))
                     check(f"k=n={kn} m={m} {mode} faster than XLA's bf16 dot", t < xla, f"{t / xla:.2f}x")
                 else:
                     check(f"m={m} {mode} within 1.1x of XLA's bf16 dot", t <= 1.1 * xla, f"{t / xla:.2f}x")

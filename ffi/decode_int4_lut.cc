@@ -25,7 +25,9 @@
 namespace jax_wqmm::cpu {
 
 bool DecodeInt4LutCovers(const Problem& p) {
-  return (p.act == Float::kBF16 || p.act == Float::kF16) && !p.transposed && p.int4 && p.n % 2 == 0 && p.m <= kInt4LutRows &&
+  return (p.act == Float::kBF16 || p.act == Float::kF16) && !p.transposed && p.int4 &&
+         p.n % 2 == 0 &&                      // rows start on bytes
+         p.m <= kInt4LutRows &&
          p.group_size % kInt4LutChunk == 0;  // a chunk of rows never straddles two groups
 }
 
@@ -40,14 +42,15 @@ constexpr int64_t kPanel = 4 * kChunk;           // rows of W per panel (next on
 constexpr int kTables = 32;                      // per strip: (c, h) = byte column c, nibble h
 
 // A strip's tables: table t = 2c + h, lane L: column 32L + t of the strip (the high nibble
-// of byte column 16L + c when h = 1), byte q: the low (lo) / high (hi) byte of code q's bf16.
+// of byte column 16L + c when h = 1), byte q: the low (lo) / high (hi) byte of code q's
+// weight (bf16 or float16).
 struct alignas(64) StripTables {
   __m512i lo[kTables], hi[kTables];
 };
 
 // 16 rows of 64 bytes at p (rows past `rows` read as zero codes, bytes past `bytes` too) as
-// out[c]: lane L = byte column 16L + c, its 16 rows in order. Four rounds of unpacks, each a
-// 16 x 16 byte transpose per 128-bit lane.
+// out[c]: lane L = byte column 16L + c, its 16 rows in order. Four rounds of unpacks (bytes,
+// words, dwords, qwords), together a 16 x 16 byte transpose in each 128-bit lane.
 WQMM_LUT WQMM_INLINE void Transpose(const uint8_t* p, int64_t stride, int64_t rows, int64_t bytes, __m512i out[16]) {
   const __mmask64 mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
   __m512i r[16], a[16], b[16], c[16];
@@ -101,9 +104,9 @@ WQMM_LUT WQMM_INLINE __m512i ActWords(__m512 a, __m512 b) {
 
 // The tables of one group (scale and offset rows at `row`) for every strip. Table t's four
 // columns (32L + t) are computed one per vector of the 16 codes (two's complement) by the
-// contract's rule (numerics.h), rounded to the activation dtype two columns at a time; a byte shuffle puts each 128-bit lane's low bytes in its low
-// half and its high bytes in the high half, and a 64-bit permute of the two makes the lo
-// table and another the hi table.
+// contract's rule (numerics.h) and rounded to the activation dtype two columns at a time; a
+// byte shuffle puts each 128-bit lane's low bytes in its low half and its high bytes in the
+// high half, and a 64-bit permute of the two makes the lo table, another the hi table.
 template <bool kF16, bool kOffset>
 WQMM_LUT void BuildTables(const Problem& p, int64_t row, StripTables* tables) {
   const int64_t n = p.n, strips = (n + kStrip - 1) / kStrip;
@@ -138,6 +141,11 @@ WQMM_LUT void BuildTables(const Problem& p, int64_t row, StripTables* tables) {
       _mm512_store_si512(tab.hi + t, _mm512_permutex2var_epi64(a, hi_q, b));
     }
   }
+}
+
+// The 128-bit blocks of u and v: (u0 + u1, u2 + u3, v0 + v1, v2 + v3).
+WQMM_LUT WQMM_INLINE __m512 AddBlocks(__m512 u, __m512 v) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
 }
 
 // MR rows of x by one strip over `rows` rows of W (a panel, inside a group) from w: the
@@ -194,8 +202,9 @@ WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows
           w1 = _mm512_maskz_mov_epi16(valid[1], w1);
         }
         if constexpr (kF16) {  // each 256-bit half: two columns' 8 rows, widened (exactly) to floats
-          const __m512 f[2][2] = {{_mm512_cvtph_ps(_mm512_castsi512_si256(w0)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1))},
-                                  {_mm512_cvtph_ps(_mm512_castsi512_si256(w1)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1))}};
+          const __m512 f[2][2] = {
+              {_mm512_cvtph_ps(_mm512_castsi512_si256(w0)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w0, 1))},
+              {_mm512_cvtph_ps(_mm512_castsi512_si256(w1)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w1, 1))}};
           for (int r = 0; r < MR; ++r) {
             for (int i = 0; i < 2; ++i) {
               acc[r][h][i] = _mm512_fmadd_ps(xv[r][ch][0], f[0][i], acc[r][h][i]);
@@ -211,10 +220,10 @@ WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows
       }
     }
     for (int r = 0; r < MR; ++r) {
-      __m512 a = acc[r][0][0], b = acc[r][1][0];  // column 2c / 2c + 1 of lane L: four partial sums in lane L
+      __m512 a = acc[r][0][0], b = acc[r][1][0];  // columns 2c / 2c + 1 of lane L: four partial sums in lane L
       if constexpr (kF16) {  // 128-bit blocks (column, rows 0-3 / 4-7) to lane L of the column, added
-        a = _mm512_add_ps(_mm512_shuffle_f32x4(acc[r][0][0], acc[r][0][1], 0x88), _mm512_shuffle_f32x4(acc[r][0][0], acc[r][0][1], 0xDD));
-        b = _mm512_add_ps(_mm512_shuffle_f32x4(acc[r][1][0], acc[r][1][1], 0x88), _mm512_shuffle_f32x4(acc[r][1][0], acc[r][1][1], 0xDD));
+        a = AddBlocks(acc[r][0][0], acc[r][0][1]);
+        b = AddBlocks(acc[r][1][0], acc[r][1][1]);
       }
       float* at = sums + r * sums_stride + 16 * c;
       _mm512_store_ps(at, _mm512_add_ps(_mm512_load_ps(at),

@@ -6,7 +6,8 @@
                                                            dequantize-then-dot and qwix
 
 Every figure is a median of repeated calls of a jitted function, measured in this run, and the
-figures that a ratio compares are timed interleaved (paired_medians); each call cycles through
+figures that a ratio compares are timed interleaved, in rounds, each figure the median of its
+fastest round (paired_medians: this VM's other tenants only ever slow a round); each call cycles through
 copies of its weights that together exceed the last-level cache
 (--rotate-mib, default 128 MiB), so weights stream from memory as in a model. The first line
 names the CPU (model and family: Zen 4 and Zen 5 differ 2x in bf16 peak) and the rates every
@@ -87,24 +88,29 @@ def median_seconds(f, *calls, budget: float = 2.0, max_reps: int = 50, warmup: f
 
 
 def paired_medians(*jobs, budget: float = 3.0, rounds: int = 8) -> list[float]:
-    """Median seconds of each job (f, calls), measured interleaved: `rounds` rounds, each
+    """Seconds per call of each job (f, calls), measured interleaved: `rounds` rounds, each
     timing a few calls of every job in turn, so that the ratios between jobs see the same
-    moments of a noisy machine (this shared VM's speed drifts by tens of percent)."""
+    moments of a noisy machine (this shared VM's speed drifts by tens of percent). Each job's
+    figure is the median of its calls in its fastest round: another tenant of the VM only
+    ever slows a round down, and one busy stretch would otherwise move a median by 2x (int4
+    m = 16 read 3.0-3.9 ms in some runs and 1.9-2.1 ms in most)."""
     timers = [_warmed(f, calls, 0.2) for f, calls in jobs]
-    samples = [[] for _ in jobs]
+    best = [float("inf")] * len(jobs)
     for r in range(rounds):
-        for (call, once), ts in zip(timers, samples):
+        for j, (call, once) in enumerate(timers):
             reps = int(max(1, min(8, budget / len(jobs) / rounds / max(once, 1e-6))))
             # not timed: the calls of the first 30 ms after another job's (XLA's worker
             # threads spin on after its own ops, and caches hold the other job's data)
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < 0.03:
                 call(0)
+            ts = []
             for i in range(reps):
                 t = time.perf_counter()
                 call(r * reps + i)
                 ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) for ts in samples]
+            best[j] = min(best[j], statistics.median(ts))
+    return best
 
 
 def copies(tree, count: int) -> list:

@@ -9,7 +9,6 @@
 // with x; float16 ones are widened to float (exact) for float FMAs with x as float32. Each
 // accumulator lane holds a partial sum of one column, added up at the end.
 #include <algorithm>
-#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -38,7 +37,13 @@ namespace {
 
 constexpr int64_t kStrip = 128;                  // columns of a strip: 64 bytes of each row
 constexpr int64_t kChunk = kInt4LutChunk;        // rows transposed at a time
-constexpr int64_t kPanel = 4 * kChunk;           // rows of W per panel (next one prefetched)
+constexpr int64_t kPanel = 4 * kChunk;           // at most this many rows of W per panel
+// A panel's rows (the next panel is prefetched into L2 meanwhile): 64 while a panel is at most
+// 128 KiB of codes, fewer for wider W, down to one chunk. At n = 8192 32-row panels measured
+// 8-18% faster than 64 (m = 1..4): the tables of a group (32 bytes per column) and the lane
+// sums (8 bytes per column and row of x) share L2 with this panel and the next; at n = 4096
+// 64 rows were 7% faster than 32.
+int64_t PanelRows(int64_t n) { return std::clamp<int64_t>((int64_t{1} << 18) / n / kChunk * kChunk, kChunk, kPanel); }
 constexpr int kTables = 32;                      // per strip: (c, h) = byte column c, nibble h
 
 // A strip's tables: table t = 2c + h, lane L: column 32L + t of the strip (the high nibble
@@ -232,12 +237,16 @@ WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows
   }
 }
 
-// StripOf with the chunk loop unrolled for whole panels.
+// StripOf with the chunk loop unrolled for whole panels (of 1, 2 or 4 chunks).
 template <bool kF16, int MR>
 WQMM_LUT void Strip(const uint8_t* w, int64_t stride, int64_t rows, int64_t bytes, const StripTables& tab,
                     const void* x, int64_t xstride, float* sums, int64_t sums_stride) {
-  if (rows == kPanel) StripOf<kF16, MR, kPanel / kChunk>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
-  else StripOf<kF16, MR, 0>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+  switch (rows) {
+    case 4 * kChunk: return StripOf<kF16, MR, 4>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+    case 2 * kChunk: return StripOf<kF16, MR, 2>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+    case kChunk: return StripOf<kF16, MR, 1>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+    default: return StripOf<kF16, MR, 0>(w, stride, rows, bytes, tab, x, xstride, sums, sums_stride);
+  }
 }
 
 // A row's lane sums of one whole strip (16 vectors, Strip's lane order) into its 128 columns
@@ -273,15 +282,15 @@ WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y,
   float* sums = sum_buf[0].lanes;
   std::fill(sums, sums + m * strips * 256, 0.0f);
   const std::unique_ptr<StripTables[]> tables(new StripTables[strips]);  // each group writes them all
-  const int64_t span = p.group_size ? p.group_size : k1 - k0;
+  const int64_t span = p.group_size ? p.group_size : k1 - k0, panel = PanelRows(n);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span);
     BuildTables<kF16, kOffset>(p, p.group_size ? g0 / p.group_size * n : 0, tables.get());
-    for (int64_t r0 = g0; r0 < g1; r0 += kPanel) {
-      const int64_t rows = std::min(kPanel, g1 - r0);
+    for (int64_t r0 = g0; r0 < g1; r0 += panel) {
+      const int64_t rows = std::min(panel, g1 - r0);
       const uint8_t* w0 = p.x2 + r0 * stride;
       // the next panel into L2 in memory order, a slice per strip
-      const int64_t ahead = std::min(kPanel, p.k - r0 - rows) * stride, slice = (ahead + strips - 1) / strips;
+      const int64_t ahead = std::min(panel, p.k - r0 - rows) * stride, slice = (ahead + strips - 1) / strips;
       const char* next = reinterpret_cast<const char*>(w0 + rows * stride);
       for (int64_t s = 0; s < strips; ++s) {
         for (int64_t b = s * slice; b < std::min(ahead, (s + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);

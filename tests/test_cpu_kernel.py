@@ -89,12 +89,14 @@ def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
 
 
-@pytest.mark.parametrize("m,wd", [(1, "int4"), (16, "int8"), (16, "int4")])
-def test_bf16_decode_kernel_wide_n(m, wd):
-    """n = 8224: the built panels shrink to 16 rows (so groups of 96 span six panels) and the
-    last tile is ragged."""
+@pytest.mark.parametrize("m,wd,n", [(1, "int4", 8224), (2, "int4", 6000), (16, "int8", 8224),
+                                   (16, "int4", 8224)])
+def test_bf16_decode_kernel_wide_n(m, wd, n):
+    """Wide W: at n = 8224 the built panels (m = 16) and the int4 lookup kernel's panels (m <= 4)
+    shrink to 16 rows, at n = 6000 the lookup kernel's to 32 (so groups of 96 span several
+    panels); the last tile and strip are ragged."""
     case = make_case(np.random.default_rng(m), weight_dtype=wd, granularity="per_group",
-                     offset=True, lead=(m,), k=288, n=8224, group_size=96)
+                     offset=True, lead=(m,), k=288, n=n, group_size=96)
     y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
     expected, mag = oracle.wqmm([case.oracle], 96, wd)
     oracle.assert_close(y, expected, mag, "bfloat16")

@@ -342,7 +342,7 @@ double DecodeInt4LutRate(int rows, double seconds) {
                               : rows == 4 ? StripLoop<4> : nullptr;
   if (!loop) throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 1 to " + std::to_string(kInt4LutRows));
   return AllCoresRate([&](int64_t iters) { volatile uint32_t keep = loop(iters); (void)keep; },
-                      static_cast<double>(kPanel * kStrip), 1 << 10, seconds);
+                      static_cast<double>(kPanel * kStrip), int64_t{1} << 10, seconds);
 }
 
 void DecodeInt4Lut(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1) {

@@ -57,8 +57,9 @@ double DecodeBf16ConvertRate(bool int4, int rows, double seconds);
 // int4 ND with at most kInt4LutRows rows of bf16 or float16 x: the weights are looked up in
 // per-group tables of each column's 16 rounded values instead of converted one by one
 // (decode_int4_lut.cc; on a CPU with AVX-512 BF16: the caller checks the ISA). Groups must be
-// multiples of kInt4LutChunk rows (the operator asks for multiples of 32).
-constexpr int64_t kInt4LutRows = 4, kInt4LutChunk = 16;
+// multiples of kInt4LutChunk rows (the operator asks for multiples of 32) and at least
+// kInt4LutMinGroup rows (a table per column and group is then worth its build).
+constexpr int64_t kInt4LutRows = 4, kInt4LutChunk = 16, kInt4LutMinGroup = 64;
 bool DecodeInt4LutCovers(const Problem& p);
 // As DecodeBf16 (the same y, k0, xp) for bf16 x.
 void DecodeInt4Lut(const Problem& p, const PairWord* xp, float* y, int64_t k0, int64_t k1);

@@ -71,11 +71,11 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
 def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: int8 codes
     converted tile by tile for m <= 4 (16-row panels), int4 ones looked up in tables per column
-    and group (64-row panels, 128-column strips; float16 activations too, their weights widened
-    to floats for float FMAs), else a panel's pairs built first (float16: the float-FMA kernel);
-    k = 417 is odd, ends in a partial chunk of 16 rows and leaves groups of 96 split over
-    panels; n is not a multiple of the 64-column tile nor of the 128-column strip (int4: two
-    whole strips).
+    and group unless groups are of 32 rows (64-row panels, 128-column strips; float16
+    activations too, their weights widened to floats for float FMAs), else a panel's pairs
+    built first (float16: the float-FMA kernel); k = 417 is odd, ends in a partial chunk of 16
+    rows and leaves groups of 96 split over panels; n is not a multiple of the 64-column tile
+    nor of the 128-column strip (int4: two whole strips).
     Transposed: 32 k of a column per vector (int4 through a table per column and group); k =
     417 (int8) and 418 (int4, whose columns must start on bytes) end in a partial vector, n in
     a partial block of four columns, and m > 4 takes the chunked path."""

@@ -27,7 +27,7 @@ import jax_wqmm as wq
 import jax_wqmm.testing as wqt
 from jax_wqmm import cpu_kernel
 import oracle
-from cases import make_case
+from cases import make_case, to_jax
 
 LOWERINGS = ("reference", "cpu", "emulator")
 # identity rows, repeated past the CPU kernel's SMALL_M and its 512-row blocks: the large-m
@@ -122,6 +122,31 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
             got = _call(lowering, args, case.kwargs, mesh, emu, soc)
             np.testing.assert_array_equal(_bits(got, act), _bits(want[rows], act),
                                           err_msg=f"{lowering}, rows {rows}")
+
+
+@pytest.mark.parametrize("act", ["bfloat16", "float16"])
+@pytest.mark.parametrize("off", [False, True])
+def test_int4_lookup_tables_round_as_the_kernel(act, off):
+    """int4 with groups of 64 rows or more and m <= 4 takes the lookup kernel on AVX-512 BF16
+    CPUs (its tables hold the rounded weights of each column and group); the other weight
+    tests use groups of 32, which the conversion kernel takes. Weights bit for bit at m = 1
+    and 4, over two groups, two whole 128-column strips and a ragged one."""
+    k, n, g = 128, 326, 64
+    rng = np.random.default_rng(zlib.crc32(repr(("lut", act, off)).encode()))
+    case = make_case(rng, weight_dtype="int4", granularity="per_group", offset=off, lead=(1,), k=k,
+                     n=n, act=act, group_size=g)
+    o = case.oracle
+    if off:  # offsets that are not integers: (q + o) itself rounds in float16
+        shifted = o["offset"].astype(np.float32) + rng.uniform(-1, 1, o["offset"].shape)
+        o["offset"] = shifted.astype(o["offset"].dtype)
+        case.args = case.args[:3] + (o["offset"],) + case.args[4:]
+    expand = lambda p: None if p is None else oracle.expand(np.asarray(p, np.float64), k, n, g)
+    values = oracle.decode(o["codes"], "int4")
+    want = oracle.kernel_dequantize(values, expand(o["scale"]), expand(o["offset"]), act)
+    eye = np.eye(k).astype(oracle.ACT_NP[act])
+    for rows in (slice(70, 71), slice(60, 64)):  # m = 1 and 4
+        got = wq.weight_quant_matmul_all_reduce(*to_jax((eye[rows],) + case.args[1:]), **case.kwargs)
+        np.testing.assert_array_equal(_bits(got, act), _bits(want[rows], act), err_msg=f"rows {rows}")
 
 
 @pytest.mark.parametrize("layout", ["ND", "T"])

@@ -485,6 +485,7 @@ Workers OwnThreads() {
 
 namespace {
 bool DecodeBf16Runs(const Problem& p) { return Detect() == IsaLevel::kAvx512Bf16 && DecodeBf16Covers(p); }
+bool DecodeInt4LutRuns(const Problem& p) { return Detect() == IsaLevel::kAvx512Bf16 && DecodeInt4LutCovers(p); }
 }  // namespace
 
 bool MatmulBlocked(Float act, bool transposed, bool int4, int64_t n) {
@@ -504,7 +505,7 @@ void Matmul(const Problem& p, const Workers& workers) {
       ParallelFor(workers, p.n, 64, threads,
                   [&](int64_t c0, int64_t c1) { DecodeBf16Blocked(p, xp.data(), y, c0, c1); });
     } else {
-      const bool lut = DecodeInt4LutCovers(p);
+      const bool lut = DecodeInt4LutRuns(p);
       SplitK(workers, p, threads, y, [&](float* out, int64_t k0, int64_t k1) {
         if (lut) DecodeInt4Lut(p, xp.data(), out, k0, k1);
         else DecodeBf16(p, xp.data(), out, k0, k1);
@@ -517,7 +518,7 @@ void Matmul(const Problem& p, const Workers& workers) {
   } else if (Detect() >= IsaLevel::kAvx512 && DecodeF16Covers(p)) {
     std::vector<float> x(p.m * p.k);
     ToF32(p.x1, p.act, p.m * p.k, x.data());
-    const bool lut = Detect() == IsaLevel::kAvx512Bf16 && DecodeInt4LutCovers(p);
+    const bool lut = DecodeInt4LutRuns(p);
     SplitK(workers, p, threads, y, [&](float* out, int64_t k0, int64_t k1) {
       if (lut) DecodeInt4LutF16(p, x.data(), out, k0, k1);
       else DecodeF16(p, x.data(), out, k0, k1);

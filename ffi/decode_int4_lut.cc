@@ -90,9 +90,7 @@ WQMM_LUT WQMM_INLINE void Transpose(const uint8_t* p, int64_t stride, int64_t ro
 template <bool kF16>
 WQMM_LUT WQMM_INLINE void StripFloats(const uint16_t* at, int64_t cols, float* out) {
   for (int v = 0; v < 8; ++v) {
-    const int64_t left = cols - 16 * v;
-    const __mmask16 mask = left >= 16 ? __mmask16{0xFFFF} : left <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << left) - 1);
-    const __m256i words = _mm256_maskz_loadu_epi16(mask, at + 16 * v);
+    const __m256i words = _mm256_maskz_loadu_epi16(avx512::LaneMask(cols - 16 * v), at + 16 * v);
     _mm512_store_ps(out + 16 * v, kF16 ? _mm512_cvtph_ps(words)
                                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
   }
@@ -174,8 +172,8 @@ WQMM_LUT WQMM_INLINE void StripOf(const uint8_t* w, int64_t stride, int64_t rows
   for (int r = 0; r < MR; ++r) {
     for (int64_t ch = 0; ch < chunks; ++ch) {
       for (int half = 0; half < 2; ++half) {
-        const int64_t left = rows - ch * kChunk - 8 * half, at = r * xstride + ch * kChunk + 8 * half;
-        const __mmask8 mask = left >= 8 ? __mmask8{0xFF} : left <= 0 ? __mmask8{0} : static_cast<__mmask8>((1u << left) - 1);
+        const int64_t at = r * xstride + ch * kChunk + 8 * half;
+        const auto mask = static_cast<__mmask8>(avx512::LaneMask(rows - ch * kChunk - 8 * half));  // 8 lanes
         if constexpr (kF16) {
           xv[r][ch][half] = _mm512_broadcast_f32x8(_mm256_maskz_loadu_ps(mask, static_cast<const float*>(x) + at));
         } else {
@@ -295,10 +293,10 @@ WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y,
       // the next panel into L2 in memory order, a slice per strip
       const int64_t ahead = std::min(panel, p.k - r0 - rows) * stride, slice = (ahead + strips - 1) / strips;
       const char* next = reinterpret_cast<const char*>(w0 + rows * stride);
+      const void* xr = static_cast<const char*>(x) + r0 * (kF16 ? 4 : 2);  // the panel's first row
       for (int64_t s = 0; s < strips; ++s) {
         for (int64_t b = s * slice; b < std::min(ahead, (s + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
         const int64_t bytes = std::min<int64_t>(64, stride - 64 * s);
-        const void* xr = static_cast<const char*>(x) + r0 * (kF16 ? 4 : 2);
         float* out = sums + 256 * s;
         switch (m) {
           case 1: Strip<kF16, 1>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;

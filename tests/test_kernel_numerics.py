@@ -84,13 +84,13 @@ def _cases():
         yield pytest.param(wd, gran, off, act, layout, id=f"{wd}-{gran}-{'off' if off else 'sym'}-{act}-{layout}")
 
 
-def _weight_case(wd, gran, off, act, layout, k=64, n=240):
+def _weight_case(wd, gran, off, act, layout, k=64, n=240, group_size=32):
     # n = 240: whole 64-column tiles and a ragged one; a whole 128-column strip of the int4
     # lookup kernel and a ragged one
     rng = np.random.default_rng(zlib.crc32(repr((wd, gran, off, act, layout)).encode()))
     case = make_case(rng, weight_dtype=wd, granularity=gran, offset=off, lead=(1,), k=k, n=n,
                      transpose=layout == "T", fmt="FRACTAL_NZ" if layout == "NZ" else "ND",
-                     act=act, group_size=32)
+                     act=act, group_size=group_size)
     if off:  # offsets that are not integers: (q + o) itself rounds in float16
         o = case.oracle["offset"]
         o = (o.astype(np.float32) + rng.uniform(-1, 1, o.shape)).astype(o.dtype)
@@ -131,18 +131,8 @@ def test_int4_lookup_tables_round_as_the_kernel(act, off):
     CPUs (its tables hold the rounded weights of each column and group); the other weight
     tests use groups of 32, which the conversion kernel takes. Weights bit for bit at m = 1
     and 4, over two groups, two whole 128-column strips and a ragged one."""
-    k, n, g = 128, 326, 64
-    rng = np.random.default_rng(zlib.crc32(repr(("lut", act, off)).encode()))
-    case = make_case(rng, weight_dtype="int4", granularity="per_group", offset=off, lead=(1,), k=k,
-                     n=n, act=act, group_size=g)
-    o = case.oracle
-    if off:  # offsets that are not integers: (q + o) itself rounds in float16
-        shifted = o["offset"].astype(np.float32) + rng.uniform(-1, 1, o["offset"].shape)
-        o["offset"] = shifted.astype(o["offset"].dtype)
-        case.args = case.args[:3] + (o["offset"],) + case.args[4:]
-    expand = lambda p: None if p is None else oracle.expand(np.asarray(p, np.float64), k, n, g)
-    values = oracle.decode(o["codes"], "int4")
-    want = oracle.kernel_dequantize(values, expand(o["scale"]), expand(o["offset"]), act)
+    k = 128
+    case, want = _weight_case("int4", "per_group", off, act, "ND", k=k, n=326, group_size=64)
     eye = np.eye(k).astype(oracle.ACT_NP[act])
     for rows in (slice(70, 71), slice(60, 64)):  # m = 1 and 4
         got = wq.weight_quant_matmul_all_reduce(*to_jax((eye[rows],) + case.args[1:]), **case.kwargs)

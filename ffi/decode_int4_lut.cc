@@ -274,6 +274,19 @@ WQMM_LUT WQMM_INLINE void StripColumns(const float* sums, float* y) {
   }
 }
 
+// `rows` rows of W from w (whole strips: stride a multiple of 64 bytes) in strip-major order:
+// strip s at copy + s * copy_stride, its rows 64 bytes apart; each row read in memory order.
+// Rows read side by side from a power-of-two stride ran 20% (n = 4096) to 70% (n = 8192)
+// slower than from a stride a line longer (one thread, m = 1, weights in L3); the copy took
+// that back at n = 4096 and 8192 but cost 5-10% at other strides, which therefore read W itself.
+WQMM_LUT WQMM_INLINE void CopyRows(const uint8_t* w, int64_t stride, int64_t rows, uint8_t* copy, int64_t copy_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t s = 0; s < stride / 64; ++s) {
+      _mm512_store_si512(copy + s * copy_stride + 64 * r, _mm512_loadu_si512(w + r * stride + 64 * s));
+    }
+  }
+}
+
 // x: bf16 rows of xstride elements, or float32 (kF16).
 template <bool kF16, bool kOffset>
 WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y, int64_t k0, int64_t k1) {
@@ -284,25 +297,35 @@ WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y,
   std::fill(sums, sums + m * strips * 256, 0.0f);
   const std::unique_ptr<StripTables[]> tables(new StripTables[strips]);  // each group writes them all
   const int64_t span = p.group_size ? p.group_size : k1 - k0, panel = PanelRows(n);
+  // Rows of W a multiple of 2 KiB apart share at most two of L1's 64 sets: there each panel is
+  // first copied strip-major (from L2, where the previous panel prefetched it), its strips a
+  // line apart more than their rows take, so that the copy's stores spread over the sets too.
+  const bool copied = stride % 2048 == 0;
+  const int64_t copy_stride = 64 * (panel + 1);
+  struct alignas(64) Line { uint8_t bytes[64]; };
+  const std::unique_ptr<Line[]> copy(copied ? new Line[strips * (panel + 1)] : nullptr);
+  const int64_t row_stride = copied ? 64 : stride, strip_stride = copied ? copy_stride : 64;  // where the rows are
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span);
     BuildTables<kF16, kOffset>(p, p.group_size ? g0 / p.group_size * n : 0, tables.get());
     for (int64_t r0 = g0; r0 < g1; r0 += panel) {
       const int64_t rows = std::min(panel, g1 - r0);
-      const uint8_t* w0 = p.x2 + r0 * stride;
+      if (copied) CopyRows(p.x2 + r0 * stride, stride, rows, copy[0].bytes, copy_stride);
+      const uint8_t* w0 = copied ? copy[0].bytes : p.x2 + r0 * stride;
       // the next panel into L2 in memory order, a slice per strip
       const int64_t ahead = std::min(panel, p.k - r0 - rows) * stride, slice = (ahead + strips - 1) / strips;
-      const char* next = reinterpret_cast<const char*>(w0 + rows * stride);
+      const char* next = reinterpret_cast<const char*>(p.x2 + (r0 + rows) * stride);
       const void* xr = static_cast<const char*>(x) + r0 * (kF16 ? 4 : 2);  // the panel's first row
       for (int64_t s = 0; s < strips; ++s) {
         for (int64_t b = s * slice; b < std::min(ahead, (s + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
+        const uint8_t* w = w0 + s * strip_stride;
         const int64_t bytes = std::min<int64_t>(64, stride - 64 * s);
         float* out = sums + 256 * s;
         switch (m) {
-          case 1: Strip<kF16, 1>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          case 2: Strip<kF16, 2>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          case 3: Strip<kF16, 3>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          default: Strip<kF16, 4>(w0 + 64 * s, stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          case 1: Strip<kF16, 1>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          case 2: Strip<kF16, 2>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          case 3: Strip<kF16, 3>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
+          default: Strip<kF16, 4>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
         }
       }
     }

@@ -89,17 +89,22 @@ def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     oracle.assert_close(f(*to_jax(case.args)), expected, mag, act)
 
 
-@pytest.mark.parametrize("m,wd,n", [(1, "int4", 8224), (2, "int4", 6000), (16, "int8", 8224),
-                                   (16, "int4", 8224)])
-def test_bf16_decode_kernel_wide_n(m, wd, n):
+@pytest.mark.parametrize("m,wd,n,gran,k,act", [
+    (1, "int4", 8224, "per_group", 288, "bfloat16"), (2, "int4", 6000, "per_group", 288, "bfloat16"),
+    (16, "int8", 8224, "per_group", 288, "bfloat16"), (16, "int4", 8224, "per_group", 288, "bfloat16"),
+    (3, "int4", 4096, "per_group", 288, "bfloat16"), (4, "int4", 8192, "per_channel", 417, "bfloat16"),
+    (1, "int4", 8192, "per_group", 288, "float16")])
+def test_bf16_decode_kernel_wide_n(m, wd, n, gran, k, act):
     """Wide W: at n = 8224 the built panels (m = 16) and the int4 lookup kernel's panels (m <= 4)
     shrink to 16 rows, at n = 6000 the lookup kernel's to 32 (so groups of 96 span several
-    panels); the last tile and strip are ragged."""
-    case = make_case(np.random.default_rng(m), weight_dtype=wd, granularity="per_group",
-                     offset=True, lead=(m,), k=288, n=n, group_size=96)
+    panels); the last tile and strip are ragged. At n = 4096 and 8192 (rows 2 and 4 KiB apart)
+    the lookup kernel copies each panel strip-major first: groups of 96 over 64-row panels,
+    and k = 417 per channel ending in a panel of one row."""
+    case = make_case(np.random.default_rng(m + n), weight_dtype=wd, granularity=gran,
+                     offset=True, lead=(m,), k=k, n=n, group_size=96, act=act)
     y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
-    expected, mag = oracle.wqmm([case.oracle], 96, wd)
-    oracle.assert_close(y, expected, mag, "bfloat16")
+    expected, mag = oracle.wqmm([case.oracle], case.group_size, wd)
+    oracle.assert_close(y, expected, mag, act)
 
 
 @pytest.mark.parametrize("m", [64, 130, 1030])

@@ -24,9 +24,10 @@ floor below is computed from, all measured in the run:
               what the kernel would take if memory cost nothing. Conversion and dot products
               compete for the same vector units (on the Zen 4 here the loop takes about the sum
               of the two alone). A floor of this kernel's way to round every weight, not of
-              every possible code. int4 at m <= 4 runs the lookup kernel instead (weights looked
-              up in per-group tables after a transpose of the codes in registers): its loop
-              floor is that kernel's inner loop on one strip of codes in L1.
+              every possible code. int4 at m = 1, 2, 4 (the kernel takes m <= 7) runs the
+              lookup kernel instead (weights looked up in per-group tables after a transpose of
+              the codes in registers): its loop floor is that kernel's inner loop on one strip
+              of codes in L1.
   xla bf16    XLA's own dot over *unquantized* bf16 weights (what a user saves by quantizing)
 
 The run ends with the targets of the fast CPU kernel (issue #13) checked against these

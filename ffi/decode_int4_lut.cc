@@ -250,6 +250,17 @@ WQMM_LUT void Strip(const uint8_t* w, int64_t stride, int64_t rows, int64_t byte
   }
 }
 
+// Strip for m rows of x (1 to kInt4LutRows).
+using StripFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const StripTables&, const void*, int64_t, float*,
+                         int64_t);
+template <bool kF16>
+StripFn StripFor(int64_t m) {
+  static_assert(kInt4LutRows == 7);
+  static constexpr StripFn kStrips[kInt4LutRows] = {Strip<kF16, 1>, Strip<kF16, 2>, Strip<kF16, 3>, Strip<kF16, 4>,
+                                                    Strip<kF16, 5>, Strip<kF16, 6>, Strip<kF16, 7>};
+  return kStrips[m - 1];
+}
+
 // A row's lane sums of one whole strip (16 vectors, Strip's lane order) into its 128 columns
 // of y: lanes 4L + e and 4L + e + 2 of vector c add up to column 32L + 2c + e. The two lanes
 // of each column pair are added in place, the pairs (as doubles) of vectors c and c + 1
@@ -305,6 +316,7 @@ WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y,
   struct alignas(64) Line { uint8_t bytes[64]; };
   const std::unique_ptr<Line[]> copy(copied ? new Line[strips * (panel + 1)] : nullptr);
   const int64_t row_stride = copied ? 64 : stride, strip_stride = copied ? copy_stride : 64;  // where the rows are
+  const StripFn strip = StripFor<kF16>(m);
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span);
     BuildTables<kF16, kOffset>(p, p.group_size ? g0 / p.group_size * n : 0, tables.get());
@@ -320,13 +332,7 @@ WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y,
         for (int64_t b = s * slice; b < std::min(ahead, (s + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
         const uint8_t* w = w0 + s * strip_stride;
         const int64_t bytes = std::min<int64_t>(64, stride - 64 * s);
-        float* out = sums + 256 * s;
-        switch (m) {
-          case 1: Strip<kF16, 1>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          case 2: Strip<kF16, 2>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          case 3: Strip<kF16, 3>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-          default: Strip<kF16, 4>(w, row_stride, rows, bytes, tables[s], xr, xstride, out, strips * 256); break;
-        }
+        strip(w, row_stride, rows, bytes, tables[s], xr, xstride, sums + 256 * s, strips * 256);
       }
     }
   }
@@ -362,9 +368,13 @@ WQMM_LUT uint32_t StripLoop(int64_t iters) {
 }  // namespace
 
 double DecodeInt4LutRate(int rows, double seconds) {
-  uint32_t (*loop)(int64_t) = rows == 1 ? StripLoop<1> : rows == 2 ? StripLoop<2> : rows == 3 ? StripLoop<3>
-                              : rows == 4 ? StripLoop<4> : nullptr;
-  if (!loop) throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 1 to " + std::to_string(kInt4LutRows));
+  static_assert(kInt4LutRows == 7);
+  static constexpr uint32_t (*kLoops[kInt4LutRows])(int64_t) = {StripLoop<1>, StripLoop<2>, StripLoop<3>, StripLoop<4>,
+                                                                 StripLoop<5>, StripLoop<6>, StripLoop<7>};
+  if (rows < 1 || rows > kInt4LutRows) {
+    throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 1 to " + std::to_string(kInt4LutRows));
+  }
+  uint32_t (*loop)(int64_t) = kLoops[rows - 1];
   return AllCoresRate([&](int64_t iters) { volatile uint32_t keep = loop(iters); (void)keep; },
                       static_cast<double>(kPanel * kStrip), int64_t{1} << 10, seconds);
 }

@@ -61,7 +61,7 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
     oracle.assert_close(y, expected, mag, act)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16])
 @pytest.mark.parametrize("wd,n", [("int8", 37), ("int4", 326)])
 @pytest.mark.parametrize("gran,g", [("per_tensor", 0), ("per_channel", 0), ("per_group", 32),
                                     ("per_group", 96)])
@@ -70,8 +70,8 @@ def test_m_from_1_to_2048_odd_k_and_n(m, wd, gran, off, tr, act):
                          ids=["ND", "T", "ND-f16"])
 def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     """bfloat16 activations: on AVX-512 BF16 machines the dot-product kernels. ND: int8 codes
-    converted tile by tile for m <= 4 (16-row panels), int4 ones looked up in tables per column
-    and group unless groups are of 32 rows (64-row panels, 128-column strips; float16
+    converted tile by tile for m <= 4 (16-row panels), int4 ones for m <= 7 looked up in tables
+    per column and group unless groups are of 32 rows (64-row panels, 128-column strips; float16
     activations too, their weights widened to floats for float FMAs), else a panel's pairs
     built first (float16: the float-FMA kernel); k = 417 is odd, ends in a partial chunk of 16
     rows and leaves groups of 96 split over panels; n is not a multiple of the 64-column tile
@@ -95,7 +95,7 @@ def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     (3, "int4", 4096, "per_group", 288, "bfloat16"), (4, "int4", 8192, "per_channel", 417, "bfloat16"),
     (1, "int4", 8192, "per_group", 288, "float16")])
 def test_bf16_decode_kernel_wide_n(m, wd, n, gran, k, act):
-    """Wide W: at n = 8224 the built panels (m = 16) and the int4 lookup kernel's panels (m <= 4)
+    """Wide W: at n = 8224 the built panels (m = 16) and the int4 lookup kernel's panels (m <= 7)
     shrink to 16 rows, at n = 6000 the lookup kernel's to 32 (so groups of 96 span several
     panels); the last tile and strip are ragged. At n = 4096 and 8192 (rows 2 and 4 KiB apart)
     the lookup kernel copies each panel strip-major first: groups of 96 over 64-row panels,

@@ -127,14 +127,14 @@ def test_dequantized_weight_is_the_kernels_rule(one_device_group, wd, gran, off,
 @pytest.mark.parametrize("act", ["bfloat16", "float16"])
 @pytest.mark.parametrize("off", [False, True])
 def test_int4_lookup_tables_round_as_the_kernel(act, off):
-    """int4 with groups of 64 rows or more and m <= 4 takes the lookup kernel on AVX-512 BF16
+    """int4 with groups of 64 rows or more and m <= 7 takes the lookup kernel on AVX-512 BF16
     CPUs (its tables hold the rounded weights of each column and group); the other weight
-    tests use groups of 32, which the conversion kernel takes. Weights bit for bit at m = 1
-    and 4, over two groups, two whole 128-column strips and a ragged one."""
+    tests use groups of 32, which the conversion kernel takes. Weights bit for bit at m = 1,
+    4 and 7, over two groups, two whole 128-column strips and a ragged one."""
     k = 128
     case, want = _weight_case("int4", "per_group", off, act, "ND", k=k, n=326, group_size=64)
     eye = np.eye(k).astype(oracle.ACT_NP[act])
-    for rows in (slice(70, 71), slice(60, 64)):  # m = 1 and 4
+    for rows in (slice(70, 71), slice(60, 64), slice(100, 107)):  # m = 1, 4 and 7
         got = wq.weight_quant_matmul_all_reduce(*to_jax((eye[rows],) + case.args[1:]), **case.kwargs)
         np.testing.assert_array_equal(_bits(got, act), _bits(want[rows], act), err_msg=f"rows {rows}")
 

@@ -9,9 +9,11 @@
 // with x; float16 ones are widened to float (exact) for float FMAs with x as float32. Each
 // accumulator lane holds a partial sum of one column, added up at the end.
 #include <algorithm>
+#include <array>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "avx512_common.h"
 #include "decode_bf16.h"
@@ -253,11 +255,11 @@ WQMM_LUT void Strip(const uint8_t* w, int64_t stride, int64_t rows, int64_t byte
 // Strip for m rows of x (1 to kInt4LutRows).
 using StripFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const StripTables&, const void*, int64_t, float*,
                          int64_t);
+template <bool kF16, size_t... I>
+constexpr std::array<StripFn, sizeof...(I)> Strips(std::index_sequence<I...>) { return {Strip<kF16, I + 1>...}; }
 template <bool kF16>
 StripFn StripFor(int64_t m) {
-  static_assert(kInt4LutRows == 7);
-  static constexpr StripFn kStrips[kInt4LutRows] = {Strip<kF16, 1>, Strip<kF16, 2>, Strip<kF16, 3>, Strip<kF16, 4>,
-                                                    Strip<kF16, 5>, Strip<kF16, 6>, Strip<kF16, 7>};
+  static constexpr auto kStrips = Strips<kF16>(std::make_index_sequence<kInt4LutRows>());
   return kStrips[m - 1];
 }
 
@@ -365,12 +367,14 @@ WQMM_LUT uint32_t StripLoop(int64_t iters) {
   return sink;
 }
 
+using StripLoopFn = uint32_t (*)(int64_t);
+template <size_t... I>
+constexpr std::array<StripLoopFn, sizeof...(I)> StripLoops(std::index_sequence<I...>) { return {StripLoop<I + 1>...}; }
+
 }  // namespace
 
 double DecodeInt4LutRate(int rows, double seconds) {
-  static_assert(kInt4LutRows == 7);
-  static constexpr uint32_t (*kLoops[kInt4LutRows])(int64_t) = {StripLoop<1>, StripLoop<2>, StripLoop<3>, StripLoop<4>,
-                                                                 StripLoop<5>, StripLoop<6>, StripLoop<7>};
+  static constexpr auto kLoops = StripLoops(std::make_index_sequence<kInt4LutRows>());
   if (rows < 1 || rows > kInt4LutRows) {
     throw std::invalid_argument("rows=" + std::to_string(rows) + ": must be 1 to " + std::to_string(kInt4LutRows));
   }

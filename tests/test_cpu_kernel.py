@@ -94,7 +94,7 @@ def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     (16, "int8", 8224, "per_group", 288, "bfloat16"), (16, "int4", 8224, "per_group", 288, "bfloat16"),
     (3, "int4", 4096, "per_group", 288, "bfloat16"), (4, "int4", 8192, "per_channel", 417, "bfloat16"),
     (1, "int4", 8192, "per_group", 288, "float16")])
-def test_bf16_decode_kernel_wide_n(m, wd, n, gran, k, act):
+def test_decode_kernels_wide_n(m, wd, n, gran, k, act):
     """Wide W: at n = 8224 the built panels (m = 16) and the int4 lookup kernel's panels (m <= 7)
     shrink to 16 rows, at n = 6000 the lookup kernel's to 32 (so groups of 96 span several
     panels); the last tile and strip are ragged. At n = 4096 and 8192 (rows 2 and 4 KiB apart)

@@ -191,7 +191,9 @@ def test_kernel_inside_shard_map_then_xla_psum():
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_every_instruction_set_path_agrees_with_the_oracle(isa):
     """The kernel copies for lower instruction sets (forced with JAX_WQMM_CPU_ISA); the default
-    run of the other tests covers the best one here (avx512bf16 on this machine)."""
+    run of the other tests covers the best one here (avx512bf16 on this machine). float16 at
+    m = 6 on avx512: int4 takes the float-FMA kernel's all-rows path, which the lookup kernel
+    takes from it on AVX-512 BF16; m = 17: its built panels."""
     code = textwrap.dedent("""
         import sys, numpy as np
         sys.path.insert(0, sys.argv[1])
@@ -199,15 +201,16 @@ def test_every_instruction_set_path_agrees_with_the_oracle(isa):
         from jax_wqmm import cpu_kernel
         from cases import make_case, to_jax
         print("isa", cpu_kernel.isa())
-        for m in (1, 3, 8, 40):
+        for m, act in ((1, "bfloat16"), (3, "bfloat16"), (8, "bfloat16"), (40, "bfloat16"),
+                       (6, "float16"), (17, "float16")):
             for wd, gran, tr in (("int8", "per_channel", False), ("int4", "per_group", False),
                                  ("int4", "per_tensor", True)):
                 case = make_case(np.random.default_rng(m), weight_dtype=wd, granularity=gran,
                                  offset=True, bias=True, lead=(m,), k=161, n=37, transpose=tr,
-                                 group_size=64)
+                                 group_size=64, act=act)
                 y = wq.weight_quant_matmul_all_reduce(*to_jax(case.args), **case.kwargs)
                 e, mag = oracle.wqmm([case.oracle], case.group_size, wd)
-                oracle.assert_close(y, e, mag, "bfloat16")
+                oracle.assert_close(y, e, mag, act)
         print("ok")
     """)
     tests = os.path.dirname(__file__)

@@ -234,17 +234,22 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
         if (j + kTile <= n) TileWeights<kInt4, kOffset, true>(at, kTile, sl + j, ol + j, b);
         else TileWeights<kInt4, kOffset, false>(at, n - j, sl + j, ol + j, b);
       };
+      // all-rows and direct panels read a tile's rows side by side: the next panel is
+      // prefetched into L2 in memory order meanwhile, a slice per tile (direct: 5-8% faster at
+      // m = 1, 2 than prefetching the next rows at the tile's columns)
+      const int64_t next_bytes = std::min(panel, p.k - r0 - rows) * stride;
+      const int64_t slice = (next_bytes + tiles - 1) / tiles;
+      auto prefetch_next = [&](int64_t jt) WQMM_F16_LAMBDA {
+        for (int64_t b = jt * slice; b < std::min(next_bytes, (jt + 1) * slice); b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + rows * stride + b), _MM_HINT_T1);
+        }
+      };
       if (all_rows) {
-        // a tile's rows are read side by side, each four times (one per vector; from L2 when
-        // they share L1 sets, which measured faster than copying the panel first): the next
-        // panel is prefetched into L2 in memory order meanwhile, a slice per tile
-        const int64_t next_bytes = std::min(panel, p.k - r0 - rows) * stride;
-        const int64_t slice = (next_bytes + tiles - 1) / tiles;
+        // each row of a tile is read four times (once per vector; from L2 when the rows share
+        // L1 sets, which measured faster than copying the panel tile-major first)
         for (int64_t jt = 0; jt < tiles; ++jt) {
           const int64_t j = jt * kTile, cols = std::min(kTile, n - j);
-          for (int64_t b = jt * slice; b < std::min(next_bytes, (jt + 1) * slice); b += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + rows * stride + b), _MM_HINT_T1);
-          }
+          prefetch_next(jt);
           const auto& fns = cols == kTile ? kAllRowsFull : kAllRowsTail;
           for (int v = 0; v < kVectors && (kInt4 || 16 * v < cols); ++v) {
             fns[m - kAllRowsMin](xt.data() + (r0 - k0) * m, w0 + (kInt4 ? j / 2 : j), stride, rows, v, cols,
@@ -254,13 +259,9 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
         continue;
       }
       if (direct) {
-        // a tile's rows are read side by side: the next panel's are prefetched at the same columns
-        const int64_t ahead = std::min(kPanel, p.k - r0 - rows);
         for (int64_t jt = 0; jt < tiles; ++jt) {
           const int64_t j = jt * kTile;
-          for (int64_t r = 0; r < ahead; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + (rows + r) * stride + (kInt4 ? j / 2 : j)), _MM_HINT_T0);
-          }
+          prefetch_next(jt);
           Blocks(out, m, j, kInt4 ? kTile : std::min(kTile, n - j), r0, rows,
                  [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA { weights(w0 + kk * stride, j, b); });
         }

@@ -8,8 +8,8 @@
 // dequantized once into a panel of floats that blocks of four rows read).
 #include <algorithm>
 #include <array>
-#include <utility>
 #include <cstring>
+#include <utility>
 
 #include "decode_f16.h"
 #include "avx512_common.h"

@@ -73,8 +73,10 @@ def test_decode_kernels(m, wd, n, gran, g, off, tr, act):
     converted tile by tile for m <= 4 (16-row panels), int4 ones for m <= 7 looked up in tables
     per column and group unless groups are of 32 rows (64-row panels, 128-column strips; float16
     activations too, their weights widened to floats for float FMAs), else a panel's pairs
-    built first (float16: the float-FMA kernel); k = 417 is odd, ends in a partial chunk of 16
-    rows and leaves groups of 96 split over panels; n is not a multiple of the 64-column tile
+    built first (float16: the float-FMA kernel, whose m = 5..16 instead convert one vector of
+    16 weights four rows of W ahead for every row of x, 32-row panels: k = 417 ends in a panel
+    of one row); k = 417 is odd, ends in a partial chunk of 16 rows and leaves groups of 96
+    split over panels; n is not a multiple of the 64-column tile
     nor of the 128-column strip (int4: two whole strips).
     Transposed: 32 k of a column per vector (int4 through a table per column and group); k =
     417 (int8) and 418 (int4, whose columns must start on bytes) end in a partial vector, n in

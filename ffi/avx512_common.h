@@ -1,11 +1,13 @@
 // Small AVX-512 pieces the CPU kernels share: lane masks, int4 codes as floats, q * s in one
-// fma, and float16 rounding by the CPU's own conversions. Every AVX-512 CPU has F16C.
+// fma, float16 rounding by the CPU's own conversions, and the next panel's prefetch. Every
+// AVX-512 CPU has F16C.
 #ifndef JAX_WQMM_AVX512_COMMON_H_
 #define JAX_WQMM_AVX512_COMMON_H_
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -51,6 +53,22 @@ WQMM_AVX512_INLINE __m512i Int4Lanes(__m128i bytes) {
 WQMM_AVX512_INLINE __m512 RoundF16(__m512 v) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// The next panel of W (`bytes` from `next`) prefetched into L2 in memory order, one slice of
+// `slices` per tile or strip of the current panel, whose rows the kernels read side by side:
+// DRAM serves a few sequential streams far better than one line from each of many rows.
+class NextPanel {
+ public:
+  NextPanel(const uint8_t* next, int64_t bytes, int64_t slices)
+      : next_(reinterpret_cast<const char*>(next)), bytes_(bytes), slice_((bytes + slices - 1) / slices) {}
+  WQMM_INLINE void Prefetch(int64_t i) const {  // slice i
+    for (int64_t b = i * slice_; b < std::min(bytes_, (i + 1) * slice_); b += 64) _mm_prefetch(next_ + b, _MM_HINT_T1);
+  }
+
+ private:
+  const char* next_;
+  int64_t bytes_, slice_;
+};
 
 }  // namespace jax_wqmm::cpu::avx512
 

@@ -320,14 +320,12 @@ WQMM_BF16 void Panel(const Problem& p, const PairWord* xp, int64_t r0, int64_t r
   const uint8_t* w0 = p.x2 + r0 * stride;
   const bool build = buf != nullptr;
   if (build) BuildPairs<kInt4, kOffset>(p, r0, rows, g, 0, tiles, buf);
-  // Direct panels read their rows side by side: the next panel's bytes (up to kDirectPanel
-  // rows) are prefetched into L2 in memory order, a slice per tile.
-  const int64_t ahead = build ? 0 : std::min(kDirectPanel, p.k - r0 - rows) * stride;
-  const int64_t slice = (ahead + tiles - 1) / tiles;
-  const char* next = reinterpret_cast<const char*>(w0 + rows * stride);
+  // Direct panels read their rows side by side: the next panel (up to kDirectPanel rows) is
+  // prefetched meanwhile, a slice per tile.
+  const NextPanel next(w0 + rows * stride, build ? 0 : std::min(kDirectPanel, p.k - r0 - rows) * stride, tiles);
   for (int64_t jt = 0; jt < tiles; ++jt) {
     const int64_t j = jt * kTile;
-    for (int64_t b = jt * slice; b < std::min(ahead, (jt + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
+    next.Prefetch(jt);
     const Tile t{w0 + (kInt4 ? j / 2 : j), stride, rows, std::min(kTile, p.n - j),
                  build ? buf + kVectors * pairs * jt : nullptr, kVectors, xp + r0 / 2, kpairs,
                  g.sl + kTile * jt, g.ol + kTile * jt};

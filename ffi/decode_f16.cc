@@ -45,48 +45,10 @@ constexpr int64_t kAllRowsPanel = 32;  // rows of W per AllRows call
 // ones take the low nibbles of 16 bytes, then their high nibbles (TileWeights).
 WQMM_INLINE int64_t LaneColumn(bool int4, int v, int l) { return int4 ? 32 * (v / 2) + 2 * l + (v & 1) : 16 * v + l; }
 
-// W[k, j : j + 64) dequantized (numerics.h) from the row's codes, as four vectors: float
-// values q of the codes first (int8 without an offset: their int32 values in qi instead),
-// then the rule. int8 lanes are in column order; int4 lanes in LaneColumn's (one extension
-// serves two vectors). kFull: a whole tile; else cols < 64 at the ragged end (the lanes past
-// it are zero codes, whose sums are never kept). s, o: the tile's scale and offset in lane
-// order; without an offset int8 takes -kMagic * s in o (MagicProducts: exact for every
-// float16 scale).
-template <bool kInt4, bool kOffset, bool kFull>
-WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const float* s, const float* o,
-                                      __m512 out[kVectors]) {
-  constexpr bool kMagicPath = !kInt4 && !kOffset;
-  __m512 q[kVectors];
-  __m512i qi[kVectors];
-  if constexpr (kInt4) {  // 32 bytes, two columns each: the low nibbles, then the high ones
-    const int64_t bytes = (cols + 1) / 2;
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* at = row + 16 * h;
-      const __m512i d = _mm512_cvtepu8_epi32(kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(at))
-                                                   : _mm_maskz_loadu_epi8(LaneMask(bytes - 16 * h), at));
-      q[2 * h] = Int4Values(d);                              // columns 32h + 2l
-      q[2 * h + 1] = Int4Values(_mm512_srli_epi32(d, 4));  // columns 32h + 2l + 1
-    }
-  } else {
-    for (int v = 0; v < kVectors; ++v) {
-      qi[v] = _mm512_cvtepi8_epi32(kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v))
-                                         : _mm_maskz_loadu_epi8(LaneMask(cols - 16 * v), row + 16 * v));
-      if constexpr (!kMagicPath) q[v] = _mm512_cvtepi32_ps(qi[v]);
-    }
-  }
-  for (int v = 0; v < kVectors; ++v) {
-    const __m512 sv = _mm512_load_ps(s + 16 * v), ov = _mm512_load_ps(o + 16 * v);
-    if constexpr (kMagicPath) {
-      out[v] = RoundF16(MagicProducts(qi[v], sv, ov));
-    } else {
-      const __m512 qo = kOffset ? RoundF16(_mm512_add_ps(q[v], ov)) : q[v];  // f16(q + o)
-      out[v] = RoundF16(_mm512_mul_ps(qo, sv));
-    }
-  }
-}
-
-// Vector v (lanes in LaneColumn's order) of W[k, j : j + 64) dequantized, `row` pointing at
-// the tile's first code; kFull: a whole tile, else cols < 64 at the ragged end.
+// Vector v (lanes in LaneColumn's order) of W[k, j : j + 64) dequantized (numerics.h) from
+// the row's codes, `row` pointing at the tile's first one; kFull: a whole tile, else cols < 64
+// at the ragged end (the lanes past it are zero codes, whose sums are never kept). sv, ov:
+// the vector's scale and offset (int8 without an offset: -kMagic * s, MagicProducts).
 template <bool kInt4, bool kOffset, bool kFull>
 WQMM_F16 WQMM_INLINE __m512 VectorWeights(const uint8_t* row, int v, int64_t cols, __m512 sv, __m512 ov) {
   if constexpr (kInt4) {  // vectors 2h and 2h + 1: the low and high nibbles of bytes [16h, 16h + 16)
@@ -101,6 +63,17 @@ WQMM_F16 WQMM_INLINE __m512 VectorWeights(const uint8_t* row, int v, int64_t col
                                                   : _mm_maskz_loadu_epi8(LaneMask(cols - 16 * v), at));
     if constexpr (!kOffset) return RoundF16(MagicProducts(qi, sv, ov));
     return RoundF16(_mm512_mul_ps(RoundF16(_mm512_add_ps(_mm512_cvtepi32_ps(qi), ov)), sv));
+  }
+}
+
+// W[k, j : j + 64) dequantized as four vectors (VectorWeights); s, o: the tile's scale and
+// offset in lane order; without an offset int8 takes -kMagic * s in o (MagicProducts: exact
+// for every float16 scale).
+template <bool kInt4, bool kOffset, bool kFull>
+WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const float* s, const float* o,
+                                      __m512 out[kVectors]) {
+  for (int v = 0; v < kVectors; ++v) {
+    out[v] = VectorWeights<kInt4, kOffset, kFull>(row, v, cols, _mm512_load_ps(s + 16 * v), _mm512_load_ps(o + 16 * v));
   }
 }
 
@@ -235,21 +208,15 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
         else TileWeights<kInt4, kOffset, false>(at, n - j, sl + j, ol + j, b);
       };
       // all-rows and direct panels read a tile's rows side by side: the next panel is
-      // prefetched into L2 in memory order meanwhile, a slice per tile (direct: 5-8% faster at
-      // m = 1, 2 than prefetching the next rows at the tile's columns)
-      const int64_t next_bytes = std::min(panel, p.k - r0 - rows) * stride;
-      const int64_t slice = (next_bytes + tiles - 1) / tiles;
-      auto prefetch_next = [&](int64_t jt) WQMM_F16_LAMBDA {
-        for (int64_t b = jt * slice; b < std::min(next_bytes, (jt + 1) * slice); b += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + rows * stride + b), _MM_HINT_T1);
-        }
-      };
+      // prefetched meanwhile, a slice per tile (direct: 5-8% faster at m = 1, 2 than
+      // prefetching the next rows at the tile's columns)
+      const NextPanel next(w0 + rows * stride, std::min(panel, p.k - r0 - rows) * stride, tiles);
       if (all_rows) {
         // each row of a tile is read four times (once per vector; from L2 when the rows share
         // L1 sets, which measured faster than copying the panel tile-major first)
         for (int64_t jt = 0; jt < tiles; ++jt) {
           const int64_t j = jt * kTile, cols = std::min(kTile, n - j);
-          prefetch_next(jt);
+          next.Prefetch(jt);
           const auto& fns = cols == kTile ? kAllRowsFull : kAllRowsTail;
           for (int v = 0; v < kVectors && (kInt4 || 16 * v < cols); ++v) {
             fns[m - kAllRowsMin](xt.data() + (r0 - k0) * m, w0 + (kInt4 ? j / 2 : j), stride, rows, v, cols,
@@ -261,7 +228,7 @@ WQMM_F16 void Decode(const Problem& p, const float* x, float* y, int64_t k0, int
       if (direct) {
         for (int64_t jt = 0; jt < tiles; ++jt) {
           const int64_t j = jt * kTile;
-          prefetch_next(jt);
+          next.Prefetch(jt);
           Blocks(out, m, j, kInt4 ? kTile : std::min(kTile, n - j), r0, rows,
                  [&](int64_t kk, __m512 b[kVectors]) WQMM_F16_LAMBDA { weights(w0 + kk * stride, j, b); });
         }

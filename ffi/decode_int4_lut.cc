@@ -326,12 +326,10 @@ WQMM_LUT void Decode(const Problem& p, const void* x, int64_t xstride, float* y,
       const int64_t rows = std::min(panel, g1 - r0);
       if (copied) CopyRows(p.x2 + r0 * stride, stride, rows, copy[0].bytes, copy_stride);
       const uint8_t* w0 = copied ? copy[0].bytes : p.x2 + r0 * stride;
-      // the next panel into L2 in memory order, a slice per strip
-      const int64_t ahead = std::min(panel, p.k - r0 - rows) * stride, slice = (ahead + strips - 1) / strips;
-      const char* next = reinterpret_cast<const char*>(p.x2 + (r0 + rows) * stride);
+      const avx512::NextPanel next(p.x2 + (r0 + rows) * stride, std::min(panel, p.k - r0 - rows) * stride, strips);
       const void* xr = static_cast<const char*>(x) + r0 * (kF16 ? 4 : 2);  // the panel's first row
       for (int64_t s = 0; s < strips; ++s) {
-        for (int64_t b = s * slice; b < std::min(ahead, (s + 1) * slice); b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
+        next.Prefetch(s);
         const uint8_t* w = w0 + s * strip_stride;
         const int64_t bytes = std::min<int64_t>(64, stride - 64 * s);
         strip(w, row_stride, rows, bytes, tables[s], xr, xstride, sums + 256 * s, strips * 256);

@@ -54,6 +54,11 @@ WQMM_AVX512_INLINE __m512 RoundF16(__m512 v) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// y[l] += v[l] for the lanes in mask (a row of float sums, the rest untouched).
+WQMM_AVX512_INLINE void AddTo(float* y, __mmask16 mask, __m512 v) {
+  _mm512_mask_storeu_ps(y, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, y), v));
+}
+
 // The next panel of W (`bytes` from `next`) prefetched into L2 in memory order, one slice of
 // `slices` per tile or strip of the current panel, whose rows the kernels read side by side:
 // DRAM serves a few sequential streams far better than one line from each of many rows.

@@ -246,7 +246,7 @@ WQMM_BF16 WQMM_INLINE void Block(const Tile& t, const Out& o) {
     float* y = o.y + (o.r + rr) * o.n + o.j;
     #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      _mm512_mask_storeu_ps(y + 16 * v, mk[v], _mm512_add_ps(_mm512_maskz_loadu_ps(mk[v], y + 16 * v), sums[v]));
+      AddTo(y + 16 * v, mk[v], sums[v]);
     }
   }
 }

@@ -42,7 +42,7 @@ constexpr int kAllRowsMin = kBlockRows + 1, kAllRowsMax = 16;  // m in this rang
 constexpr int64_t kAllRowsPanel = 32;  // rows of W per AllRows call
 
 // The column (within its tile) of lane l of vector v: int8 lanes are in column order; int4
-// ones take the low nibbles of 16 bytes, then their high nibbles (TileWeights).
+// ones take the low nibbles of 16 bytes, then their high nibbles (VectorWeights).
 WQMM_INLINE int64_t LaneColumn(bool int4, int v, int l) { return int4 ? 32 * (v / 2) + 2 * l + (v & 1) : 16 * v + l; }
 
 // Vector v (lanes in LaneColumn's order) of W[k, j : j + 64) dequantized (numerics.h) from
@@ -82,12 +82,13 @@ WQMM_F16 WQMM_INLINE void TileWeights(const uint8_t* row, int64_t cols, const fl
 // registers. It is dequantized four rows ahead of its products: the MR products all wait on
 // it, and without the lead they fill the scheduler before the next conversion can start
 // (in-register probe on a Zen 4, 16 products per conversion, x broadcast from memory: 1.41x
-// the products' own time without the lead, 1.02x with it). xt: x transposed, (rows, MR), one line per k (rows of x
-// k floats apart can share an L1 set). y: the vector's sums, rows n apart (n padded off a
-// power of two by the caller for the same reason); s, o: its scale and offset lanes.
+// the products' own time without the lead, 1.02x with it). xt: x transposed, (rows, MR), one
+// line per k (rows of x k floats apart can share an L1 set). y: the vector's sums, rows
+// `width` apart (padded off a power of two by the caller for the same reason); s, o: its
+// scale and offset lanes.
 template <int MR, bool kInt4, bool kOffset, bool kFull>
 WQMM_F16 void AllRows(const float* xt, const uint8_t* codes, int64_t stride, int64_t rows, int v, int64_t cols,
-                      const float* s, const float* o, float* y, int64_t n) {
+                      const float* s, const float* o, float* y, int64_t width) {
   __m512 acc[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
@@ -108,7 +109,7 @@ WQMM_F16 void AllRows(const float* xt, const uint8_t* codes, int64_t stride, int
   const __mmask16 mk = kInt4 ? __mmask16(0xFFFF) : LaneMask(cols - 16 * v);  // int4: whole tiles of sums
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    _mm512_mask_storeu_ps(y + r * n, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, y + r * n), acc[r]));
+    AddTo(y + r * width, mk, acc[r]);
   }
 }
 
@@ -144,7 +145,7 @@ WQMM_F16 WQMM_INLINE void Block(const Rows& o, int64_t r, int64_t j, int64_t col
     float* yr = o.y + (r + rr) * o.n + j;
     for (int v = 0; v < kVectors; ++v) {
       const __mmask16 mk = LaneMask(cols - 16 * v);
-      _mm512_mask_storeu_ps(yr + 16 * v, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yr + 16 * v), acc[rr][v]));
+      AddTo(yr + 16 * v, mk, acc[rr][v]);
     }
   }
 }
